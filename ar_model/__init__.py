@@ -1,0 +1,1 @@
+"""Stage 2: the interleaved decoder (see issue 3)."""

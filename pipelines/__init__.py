@@ -1,0 +1,1 @@
+"""Stage 3: pipelines and the main job."""

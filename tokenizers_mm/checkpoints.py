@@ -1,0 +1,112 @@
+"""Atomic training checkpoints on top of accelerate's ``save_state``/``load_state``.
+
+A checkpoint is written into ``checkpoints/.tmp-step-N`` and renamed to ``checkpoints/step-N`` only
+when complete, so a process killed mid-write leaves the previous checkpoint loadable. accelerate
+saves the model as safetensors and loads optimizer, scheduler and RNG state with
+``torch.load(weights_only=True)``; our own trainer state is JSON. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under ``output_dir/checkpoints``, oldest first (temp dirs are ignored)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / TRAINER_STATE).is_file()]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(
+    accelerator: Any,
+    output_dir: str | Path,
+    step: int,
+    trainer_state: dict[str, Any],
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Save accelerate state + ``trainer_state`` (+ named safetensors files) atomically; keep the last ``keep``.
+
+    Must be called on every process (accelerate writes per-process RNG files).
+    """
+    root = Path(output_dir) / "checkpoints"
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        for name, tensors in (extra_tensors or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
+        atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Any, ckpt: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """Restore accelerate state from ``ckpt``; return the trainer state and the extra safetensors files."""
+    accelerator.load_state(str(ckpt))
+    state = json.loads((ckpt / TRAINER_STATE).read_text())
+    extras = {p.stem: load_file(str(p)) for p in ckpt.glob("*.safetensors") if not p.stem.startswith("model")}
+    return state, extras
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file via a temp file and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def atomic_save_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_dir)`` then rename ``tmp_dir`` to ``path`` (replacing an older folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        write(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
