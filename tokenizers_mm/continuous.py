@@ -155,7 +155,8 @@ def latent_stats(latents: Iterable[torch.Tensor], channel_dim: int = -1) -> tupl
     mean: torch.Tensor | None = None
     m2: torch.Tensor | None = None
     for x in latents:
-        x = x.detach().to(torch.float64).movedim(channel_dim, -1)
+        # float64 on the CPU: exact enough for any number of batches, and MPS has no float64.
+        x = x.detach().to("cpu", torch.float64).movedim(channel_dim, -1)
         x = x.reshape(-1, x.shape[-1])  # (..., c) -> (n, c)
         n = x.shape[0]
         if n == 0:

@@ -87,8 +87,9 @@ def fsq_bound(z: torch.Tensor, levels: Sequence[int] | torch.Tensor, eps: float 
     so that ``b(0) = 0`` (exactly in real arithmetic, to an ulp in float32) and ``round(b)`` takes
     L values: symmetric for odd L, ``{-L/2, ..., L/2-1}`` for even L. ``z``: (..., d).
     """
-    lv = _levels_tensor(levels, z.device)
-    half, offset, shift = (c.to(z.dtype) for c in _bound_constants(lv, eps))
+    # Constants derived on the CPU (as the module does), so every device uses the same float32 values.
+    lv = _levels_tensor(levels.cpu() if isinstance(levels, torch.Tensor) else levels)
+    half, offset, shift = (c.to(z.device, z.dtype) for c in _bound_constants(lv, eps))
     return torch.tanh(z + shift) * half - offset
 
 

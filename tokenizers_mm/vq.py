@@ -253,10 +253,9 @@ class VectorQuantizer(nn.Module):
             self.codebook = nn.Parameter(init)
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
         self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.long))
-        # Code counts accumulated by every forward since reset_usage(): eval bookkeeping, not state.
-        self.register_buffer(
-            "usage_counts", torch.zeros(codebook_size, dtype=torch.float64), persistent=False
-        )
+        # Code counts accumulated by every forward since reset_usage(). Persistent and int64 so that
+        # meta-device construction (transformers >= 5) and dtype casts leave it intact.
+        self.register_buffer("usage_counts", torch.zeros(codebook_size, dtype=torch.long))
 
     def extra_repr(self) -> str:
         return (
@@ -266,18 +265,20 @@ class VectorQuantizer(nn.Module):
 
     # -------------------------------------------------------------- lookups
     def _codes(self) -> torch.Tensor:
-        """The codebook as used for lookup (k, d): unit rows for cosine."""
-        cb = self.codebook
+        """The codebook as used for lookup (k, d), float32 (float64 stays): unit rows for cosine."""
+        cb = self.codebook.to(torch.promote_types(self.codebook.dtype, torch.float32))
         return F.normalize(cb, dim=-1) if self.distance == "cosine" and not self.ema else cb
 
     def _prepare(self, z: torch.Tensor) -> torch.Tensor:
-        """Channel-last input (..., d) -> float32 rows (n, d), unit-norm for cosine."""
+        """Channel-last input (..., d) -> float32 rows (n, d) (float64 with a float64 codebook), unit-norm
+        for cosine."""
         if z.shape[-1] != self.dim:
             raise ValueError(
                 f"VectorQuantizer(dim={self.dim}) expects channel-last input (..., {self.dim}), "
                 f"got shape {tuple(z.shape)}"
             )
-        flat = z.reshape(-1, self.dim).to(self.codebook.dtype)  # (..., d) -> (n, d)
+        dtype = torch.promote_types(self.codebook.dtype, torch.float32)
+        flat = z.reshape(-1, self.dim).to(dtype)  # (..., d) -> (n, d)
         return F.normalize(flat, dim=-1) if self.distance == "cosine" else flat
 
     @torch.no_grad()
@@ -331,11 +332,11 @@ class VectorQuantizer(nn.Module):
             return 0
         new = _sample_rows(flat, m, generator)  # (m, d)
         noise = torch.randn(new.shape, generator=generator, device=new.device, dtype=new.dtype)
-        new = new + self.restart_noise * flat.std(dim=0, keepdim=True) * noise
+        new = new + self.restart_noise * flat.std(dim=0, correction=0, keepdim=True) * noise
         if self.distance == "cosine":
             new = F.normalize(new, dim=-1)
         _broadcast_from_rank0(new.contiguous())
-        self.codebook[dead] = new
+        self.codebook[dead] = new.to(self.codebook.dtype)
         if self.ema:
             self.cluster_size[dead] = self.dead_code_threshold
             self.embed_sum[dead] = new * self.dead_code_threshold
