@@ -1,12 +1,23 @@
 """Stage 2: the interleaved decoder (see issue 3)."""
 
+from ar_model.attention import KVCache
+from ar_model.config import ATTN_IMPLS, MMDecoderConfig, vocab_layout
+from ar_model.generation import generate_image_codes, generate_tokens, sample_logits
+from ar_model.modeling import MMDecoderForCausalLM, MMDecoderModel
 from ar_model.packing import PackPlan, TokenBatch, build_packed_batch, build_padded_batch, pack_documents
 from ar_model.positions import document_positions, multimodal_positions
+from ar_model.presets import PRESETS, count_parameters, preset_config
 from ar_model.rope import apply_rope, rope_angles
 from ar_model.sequence import Sequence, build_sequence, image_to_text_document, text_to_image_document
 from ar_model.text_tokenizer import TextTokenizer, train_text_tokenizer
 
 __all__ = [
+    "ATTN_IMPLS",
+    "KVCache",
+    "MMDecoderConfig",
+    "MMDecoderForCausalLM",
+    "MMDecoderModel",
+    "PRESETS",
     "PackPlan",
     "Sequence",
     "TextTokenizer",
@@ -15,11 +26,17 @@ __all__ = [
     "build_packed_batch",
     "build_padded_batch",
     "build_sequence",
+    "count_parameters",
     "document_positions",
+    "generate_image_codes",
+    "generate_tokens",
     "image_to_text_document",
     "multimodal_positions",
     "pack_documents",
+    "preset_config",
     "rope_angles",
+    "sample_logits",
     "text_to_image_document",
     "train_text_tokenizer",
+    "vocab_layout",
 ]

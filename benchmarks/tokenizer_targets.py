@@ -29,13 +29,27 @@ CONFIGS = Path(__file__).resolve().parent.parent / "tokenizers_mm" / "configs"
 RUNS: dict[str, tuple[str, list[str]]] = {
     "fsq_8x8": ("fsq_8x8.yaml", []),
     "vq_rotation_restart": ("vq_8x8.yaml", ["--model.vq_gradient", "rotation"]),
-    "vq_rotation_norestart": ("vq_8x8.yaml", ["--model.vq_gradient", "rotation", "--model.vq_dead_code_steps", "0"]),
+    "vq_rotation_norestart": (
+        "vq_8x8.yaml",
+        ["--model.vq_gradient", "rotation", "--model.vq_dead_code_steps", "0"],
+    ),
     "vq_ste_restart": ("vq_8x8.yaml", ["--model.vq_gradient", "ste"]),
     "vq_ste_norestart": ("vq_8x8.yaml", ["--model.vq_gradient", "ste", "--model.vq_dead_code_steps", "0"]),
     "kl_8x8": ("kl_8x8.yaml", []),
     "patches_4": ("patches_4.yaml", []),
 }
-QUICK = ["--max_steps", "3", "--train_num", "128", "--eval_num", "16", "--batch_size", "16", "--warmup_steps", "1"]
+QUICK = [
+    "--max_steps",
+    "3",
+    "--train_num",
+    "128",
+    "--eval_num",
+    "16",
+    "--batch_size",
+    "16",
+    "--warmup_steps",
+    "1",
+]
 QUICK_MODEL = ["--model.base_channels", "8"]  # not for raw patches, which have no model options
 
 
@@ -47,9 +61,16 @@ def run_one(name: str, out_root: Path, quick: bool, eval_num: int) -> dict:
     cfg = load_config(TrainConfig, CONFIGS / config, overrides)
     metrics = main(cfg)
     model = ImageTokenizer.from_pretrained(out_root / name / "final")
-    row = {"run": name, "params": metrics["params"], "train_time_s": metrics["train_time_s"], "steps": cfg.max_steps}
+    row = {
+        "run": name,
+        "params": metrics["params"],
+        "train_time_s": metrics["train_time_s"],
+        "steps": cfg.max_steps,
+    }
     for dataset, split in (("shapes", "test"), ("digits", "test"), ("photos", "test")):
-        images, _ = images_tensor(dataset, num=16 if quick else eval_num, resolution=32, seed=1_000_003, split=split)
+        images, _ = images_tensor(
+            dataset, num=16 if quick else eval_num, resolution=32, seed=1_000_003, split=split
+        )
         m = evaluate_tokenizer(model, images)
         row[f"{dataset}_psnr"] = round(m["psnr"], 2)
         row[f"{dataset}_ssim"] = round(m["ssim"], 4)

@@ -35,13 +35,13 @@ class QuickstartPreset:
     shapes_num: int
     digits_num: int
     tokenizer_config: str  # a YAML file in tokenizers_mm/configs
-    tokenizer_steps: int
+    tokenizer_steps: int | None  # None: the config's max_steps
     eval_num: int
 
 
 PRESETS: dict[str, QuickstartPreset] = {
     "default": QuickstartPreset(
-        shapes_num=20000, digits_num=4000, tokenizer_config="fsq_8x8.yaml", tokenizer_steps=2400, eval_num=512
+        shapes_num=20000, digits_num=4000, tokenizer_config="fsq_8x8.yaml", tokenizer_steps=None, eval_num=512
     ),
     "demo": QuickstartPreset(
         shapes_num=4000, digits_num=1000, tokenizer_config="fsq_8x8.yaml", tokenizer_steps=200, eval_num=128
@@ -78,7 +78,9 @@ def step_data(out: Path, preset: QuickstartPreset) -> dict[str, Path]:
     return paths
 
 
-def step_tokenizer(out: Path, preset: QuickstartPreset, data_paths: dict[str, Path], overrides: list[str]) -> Path:
+def step_tokenizer(
+    out: Path, preset: QuickstartPreset, data_paths: dict[str, Path], overrides: list[str]
+) -> Path:
     from tokenizers_mm.config_io import load_config
     from tokenizers_mm.train import TrainConfig, main
 
@@ -92,15 +94,15 @@ def step_tokenizer(out: Path, preset: QuickstartPreset, data_paths: dict[str, Pa
         CONFIG_DIR / preset.tokenizer_config,
         [
             "--train_data", json.dumps([str(data_paths["shapes"]), str(data_paths["digits"])]),
-            "--max_steps", str(preset.tokenizer_steps),
             "--eval_num", str(preset.eval_num),
             "--output_dir", str(run),
-            "--save_every", str(max(preset.tokenizer_steps // 4, 1)),
             "--resume", "true",
+            *(["--max_steps", str(preset.tokenizer_steps)] if preset.tokenizer_steps else []),
             *overrides,
         ],
     )  # fmt: skip
-    cfg.warmup_steps = min(cfg.warmup_steps, max(preset.tokenizer_steps // 10, 1))
+    cfg.warmup_steps = min(cfg.warmup_steps, max(cfg.max_steps // 10, 1))
+    cfg.save_every = max(cfg.max_steps // 4, 1)
     main(cfg)
     _mark(marker, {"final": str(run / "final")})
     return run / "final"
@@ -116,6 +118,7 @@ def step_evaluate(out: Path, preset: QuickstartPreset, tokenizer_dir: Path) -> d
         print("[3/4] evaluate: done, skipping")
         return json.loads(marker.read_text())
     model = ImageTokenizer.from_pretrained(tokenizer_dir)
+    marker.parent.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, split in (("shapes", "test"), ("digits", "test"), ("photos", "test")):
         images, _ = images_tensor(name, num=preset.eval_num, resolution=32, seed=1_000_003, split=split)
@@ -125,7 +128,9 @@ def step_evaluate(out: Path, preset: QuickstartPreset, tokenizer_dir: Path) -> d
     return results
 
 
-def step_report(out: Path, args: argparse.Namespace, metrics: dict[str, dict[str, Any]], argv: list[str]) -> Path:
+def step_report(
+    out: Path, args: argparse.Namespace, metrics: dict[str, dict[str, Any]], argv: list[str]
+) -> Path:
     from pipelines.report import markdown_table, plot_curves, read_log
 
     rep = out / "report"
@@ -148,7 +153,9 @@ def step_report(out: Path, args: argparse.Namespace, metrics: dict[str, dict[str
         "",
         "Held-out evaluation (shapes: unseen seed; digits: test split; photos: never trained on).",
         "",
-        markdown_table(rows, ["dataset", "psnr", "ssim", "codebook_usage", "perplexity", "token_grid", "num_images"]),
+        markdown_table(
+            rows, ["dataset", "psnr", "ssim", "codebook_usage", "perplexity", "token_grid", "num_images"]
+        ),
         "",
         "### Reconstructions (top: original, bottom: reconstruction)",
         "",
@@ -172,8 +179,12 @@ def main(argv: list[str] | None = None) -> Path:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="quickstart_out", help="output folder (default: ./quickstart_out)")
-    p.add_argument("--preset", default="default", choices=list(PRESETS), help="default (~quality) or demo (fast)")
-    p.add_argument("--variant", default="discrete", choices=["discrete"], help="token kind (continuous: issue 4)")
+    p.add_argument(
+        "--preset", default="default", choices=list(PRESETS), help="default (~quality) or demo (fast)"
+    )
+    p.add_argument(
+        "--variant", default="discrete", choices=["discrete"], help="token kind (continuous: issue 4)"
+    )
     p.add_argument("--fresh", action="store_true", help="delete DIR and start over")
     args, tokenizer_overrides = p.parse_known_args(argv)
     out = Path(args.out)

@@ -46,7 +46,7 @@ def save_checkpoint(
     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
     keep: int = 2,
 ) -> Path:
-    """Save accelerate state + ``trainer_state`` (+ named safetensors files) atomically; keep the last ``keep``.
+    """Save accelerate state, ``trainer_state`` and extra tensors atomically; keep the last ``keep``.
 
     Must be called on every process (accelerate writes per-process RNG files).
     """
@@ -61,7 +61,10 @@ def save_checkpoint(
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
         for name, tensors in (extra_tensors or {}).items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                str(tmp / f"{name}.safetensors"),
+            )
         atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -72,7 +75,9 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Any, ckpt: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+def load_checkpoint(
+    accelerator: Any, ckpt: Path
+) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """Restore accelerate state from ``ckpt``; return the trainer state and the extra safetensors files."""
     accelerator.load_state(str(ckpt))
     state = json.loads((ckpt / TRAINER_STATE).read_text())

@@ -29,7 +29,7 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Coerce a YAML value to the annotated type ``tp`` (int, float, bool, str, list[...], Optional, Literal)."""
+    """Coerce a YAML value to the annotated type ``tp`` (int, float, bool, str, list, Optional, Literal)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -110,7 +110,7 @@ def from_dict(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
 
 
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
-    """Turn ``["--a.b", "1", "--flag", "--c=x"]`` into a nested mapping ``{"a": {"b": 1}, "flag": True, "c": "x"}``."""
+    """Turn ``["--a.b", "1", "--flag", "--c=x"]`` into ``{"a": {"b": 1}, "flag": True, "c": "x"}``."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(argv):

@@ -9,16 +9,24 @@ from torch import nn
 
 
 class PatchDiscriminator(nn.Module):
-    """Pixels (b, 3, H, W) → real/fake logits per patch (b, 1, H/4 - 1, W/4 - 1) for the default 2 downsamplings."""
+    """Pixels (b, 3, H, W) → real/fake logits per patch, (b, 1, H/4 - 1, W/4 - 1) with 2 downsamplings."""
 
     def __init__(self, in_channels: int = 3, channels: int = 64, n_down: int = 2):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, channels, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+        ]
         c = channels
         for _ in range(n_down - 1):
             layers += [nn.Conv2d(c, c * 2, 4, stride=2, padding=1), nn.GroupNorm(8, c * 2), nn.LeakyReLU(0.2)]
             c *= 2
-        layers += [nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(8, c), nn.LeakyReLU(0.2), nn.Conv2d(c, 1, 4, padding=1)]
+        layers += [
+            nn.Conv2d(c, c, 3, padding=1),
+            nn.GroupNorm(8, c),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(c, 1, 4, padding=1),
+        ]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

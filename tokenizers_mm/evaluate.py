@@ -1,4 +1,6 @@
-"""Tokenizer evaluation: ``python -m tokenizers_mm.evaluate --model DIR --dataset shapes|digits|photos|PATH --out metrics.json``.
+"""Tokenizer evaluation.
+
+    python -m tokenizers_mm.evaluate --model DIR --dataset shapes|digits|photos|PATH --out metrics.json
 
 Reports PSNR and SSIM of reconstructions (held-out data) and, for discrete tokenizers, codebook
 usage (% of codes used on the eval set) and perplexity, plus bits per image.
@@ -76,11 +78,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from data.sources import EMBEDDED, images_tensor
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="folder written by training (ImageTokenizer.save_pretrained)")
+    p.add_argument(
+        "--model", required=True, help="folder written by training (ImageTokenizer.save_pretrained)"
+    )
     p.add_argument("--dataset", required=True, help=f"one of {list(EMBEDDED)} or a dataset path")
     p.add_argument("--out", required=True, help="metrics.json to write")
     p.add_argument("--num", type=int, default=512, help="number of evaluation images")
-    p.add_argument("--resolution", type=int, default=None, help="defaults to the tokenizer's training resolution")
+    p.add_argument(
+        "--resolution", type=int, default=None, help="defaults to the tokenizer's training resolution"
+    )
     p.add_argument("--seed", type=int, default=1_000_003, help="seed of the embedded held-out set")
     p.add_argument("--grid", type=str, default=None, help="optional PNG of originals vs reconstructions")
     args = p.parse_args(argv)

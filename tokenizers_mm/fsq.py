@@ -193,8 +193,34 @@ class _Constants(NamedTuple):
     basis: torch.Tensor  # (d,) int64 place values
 
 
+def fsq_entropy_loss(
+    z: torch.Tensor, levels: Sequence[int], temperature: float = 0.5, eps: float = FSQ_EPS
+) -> torch.Tensor:
+    """Per-channel entropy penalty ``mean_i [ E[H(p_i)] - H(E[p_i]) ]`` (MAGVIT-v2's entropy loss,
+    Yu et al. 2023, "Language Model Beats Diffusion", applied to each FSQ channel separately).
+
+    ``p_i`` is a soft assignment of the bounded value ``b(z)_i`` to channel i's L_i integer levels,
+    ``softmax(-(b - level)² / temperature)``. Minimizing the penalty keeps each assignment confident
+    (low per-vector entropy) while spreading the batch over all levels (high marginal entropy), which
+    raises codebook usage. Each channel's entropies are divided by log(L_i) so channels weigh alike.
+    z: (..., d) → scalar.
+    """
+    bounded = fsq_bound(z.float(), levels, eps).reshape(-1, len(levels))  # (n, d)
+    total = bounded.new_zeros(())
+    for i, level in enumerate(levels):
+        grid = torch.arange(level, device=z.device, dtype=bounded.dtype) - level // 2  # (L,) integer levels
+        logits = -(bounded[:, i : i + 1] - grid).pow(2) / temperature  # (n, L)
+        p = logits.softmax(-1)
+        per_vector = -(p * logits.log_softmax(-1)).sum(-1).mean()
+        marginal = p.mean(0)
+        batch = -(marginal * marginal.clamp_min(1e-12).log()).sum()
+        total = total + (per_vector - batch) / math.log(level)
+    return total / len(levels)
+
+
 class FSQ(nn.Module):
-    """FSQ bottleneck over channel-last input (..., d), d = len(levels). No parameters, no loss.
+    """FSQ bottleneck over channel-last input (..., d), d = len(levels). No parameters; no loss
+    unless the optional entropy regularizer is on (``entropy_weight > 0``, training only).
 
     Quantization runs in float32 (float64 input stays float64) even under autocast; the
     quantized output is cast back to the input dtype.
@@ -206,9 +232,19 @@ class FSQ(nn.Module):
     """
 
     def __init__(
-        self, levels: Sequence[int] = (8, 5, 5, 5), eps: float = FSQ_EPS, compute_metrics: bool = True
+        self,
+        levels: Sequence[int] = (8, 5, 5, 5),
+        eps: float = FSQ_EPS,
+        compute_metrics: bool = True,
+        entropy_weight: float = 0.0,
+        entropy_temperature: float = 0.5,
     ):
         super().__init__()
+        if entropy_weight < 0 or entropy_temperature <= 0:
+            raise ValueError("entropy_weight must be >= 0 and entropy_temperature > 0")
+        # Optional usage regularizer (fsq_entropy_loss), applied in training only; 0 = plain FSQ.
+        self.entropy_weight = entropy_weight
+        self.entropy_temperature = entropy_temperature
         self.levels: list[int] = [int(level) for level in levels]
         if not self.levels or any(level < 2 for level in self.levels):
             raise ValueError(f"FSQ levels must be a non-empty list of ints >= 2, got {list(levels)!r}")
@@ -282,6 +318,8 @@ class FSQ(nn.Module):
             codes, indices = self._quantize(zf)
         metrics = code_usage_metrics(indices, self.codebook_size) if self.compute_metrics else {}
         loss = torch.zeros((), device=z.device, dtype=orig_dtype)
+        if self.entropy_weight > 0 and self.training and z.requires_grad:
+            loss = self.entropy_weight * fsq_entropy_loss(z, self.levels, self.entropy_temperature, self.eps)
         return BottleneckOutput(quantized=codes.to(orig_dtype), indices=indices, loss=loss, metrics=metrics)
 
     def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,14 @@ _BASE_CONFIG_KEYS = frozenset(
     set(_base.to_dict())
     | {k.lstrip("_") for k in vars(_base)}
     | set(vars(_base))
-    | {"transformers_version", "architectures", "name_or_path", "return_unused_kwargs", "dtype", "torch_dtype"}
+    | {
+        "transformers_version",
+        "architectures",
+        "name_or_path",
+        "return_unused_kwargs",
+        "dtype",
+        "torch_dtype",
+    }
 )
 del _base
 
@@ -42,6 +49,7 @@ class ImageTokenizerConfig(PretrainedConfig):
         base_channels, channel_mult, num_res_blocks, mid_blocks, norm_groups: the conv autoencoder
             (downsampling factor ``2**(len(channel_mult)-1)``; ignored by "patches").
         fsq_levels: FSQ levels per channel (codebook size = their product).
+        fsq_entropy_weight: weight of FSQ's per-channel entropy penalty (raises codebook usage; 0 = off).
         vq_*: VectorQuantizer options (codebook size, code dim, gradient "ste"|"rotation", distance,
             EMA, decay, commitment beta, k-means init, dead-code restart after N unused steps).
         latent_channels, continuous_kind, kl_weight, noise_std: the continuous bottleneck.
@@ -64,6 +72,7 @@ class ImageTokenizerConfig(PretrainedConfig):
         mid_blocks: int = 1,
         norm_groups: int = 8,
         fsq_levels: list[int] | None = None,
+        fsq_entropy_weight: float = 0.0,
         vq_codebook_size: int = 1024,
         vq_dim: int = 8,
         vq_gradient: str = "rotation",
@@ -96,6 +105,7 @@ class ImageTokenizerConfig(PretrainedConfig):
         self.mid_blocks = mid_blocks
         self.norm_groups = norm_groups
         self.fsq_levels = list(fsq_levels) if fsq_levels is not None else [8, 5, 5, 5]
+        self.fsq_entropy_weight = fsq_entropy_weight
         self.vq_codebook_size = vq_codebook_size
         self.vq_dim = vq_dim
         self.vq_gradient = vq_gradient
@@ -116,10 +126,13 @@ class ImageTokenizerConfig(PretrainedConfig):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if not self.channel_mult or min(self.channel_mult) < 1:
-            raise ValueError(f"channel_mult must be a non-empty list of positive ints, got {self.channel_mult}")
+            raise ValueError(
+                f"channel_mult must be a non-empty list of positive ints, got {self.channel_mult}"
+            )
         if self.resolution % self.downsample_factor:
             raise ValueError(
-                f"resolution {self.resolution} is not a multiple of the downsampling factor {self.downsample_factor}"
+                f"resolution {self.resolution} is not a multiple of the downsampling factor "
+                f"{self.downsample_factor}"
             )
         super().__init__(**kwargs)
 
@@ -181,9 +194,12 @@ class ImageTokenizer(PreTrainedModel):
             self.bottleneck = RawPatches(c.patch_size)
             self.encoder = None
             self.decoder = None
+            # Raw patches have no weights, but transformers reads dtype/device from the first
+            # parameter when saving and moving; this frozen scalar is that parameter (unused).
+            self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)
         else:
             if c.bottleneck == "fsq":
-                self.bottleneck = FSQ(c.fsq_levels)
+                self.bottleneck = FSQ(c.fsq_levels, entropy_weight=c.fsq_entropy_weight)
                 enc_out = len(c.fsq_levels)
             elif c.bottleneck == "vq":
                 self.bottleneck = VectorQuantizer(
@@ -215,8 +231,16 @@ class ImageTokenizer(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        # PyTorch's default conv init is what the autoencoder is tuned for; the bottlenecks own their init.
-        return
+        """PyTorch's default init for convs and norms (what the autoencoder is tuned for).
+
+        transformers calls this for modules whose weights a checkpoint did not provide (and for
+        modules with non-persistent buffers, which it re-creates uninitialized), so it must really
+        initialize them.
+        """
+        if isinstance(module, (nn.Conv2d, nn.GroupNorm)):
+            module.reset_parameters()
+        elif isinstance(module, VectorQuantizer):
+            module.reset_usage()  # its only non-persistent buffer
 
     # ------------------------------------------------------------------ helpers
     def check_pixels(self, pixels: torch.Tensor) -> None:
@@ -279,26 +303,34 @@ class ImageTokenizer(PreTrainedModel):
             codes = self.bottleneck.indices_to_codes(tokens.long())
         else:
             if tokens.shape[-1] != self.config.token_dim:
-                raise ValueError(f"expected tokens (b, h, w, {self.config.token_dim}), got {tuple(tokens.shape)}")
+                raise ValueError(
+                    f"expected tokens (b, h, w, {self.config.token_dim}), got {tuple(tokens.shape)}"
+                )
             codes = tokens if self.decoder is None else tokens.to(self.decoder.net[0].weight.dtype)
         return self._decode_codes(codes).clamp(-1, 1)
 
     def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw continuous tokens → zero-mean unit-std tokens, with the stats stored in the config."""
         if self.config.latent_mean is None or self.config.latent_std is None:
-            raise ValueError("this tokenizer has no latent statistics; run training (or compute_latent_stats) first")
+            raise ValueError(
+                "this tokenizer has no latent statistics; run training (or compute_latent_stats) first"
+            )
         return normalize_latents(latents, self.config.latent_mean, self.config.latent_std)
 
     def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
         if self.config.latent_mean is None or self.config.latent_std is None:
-            raise ValueError("this tokenizer has no latent statistics; run training (or compute_latent_stats) first")
+            raise ValueError(
+                "this tokenizer has no latent statistics; run training (or compute_latent_stats) first"
+            )
         return denormalize_latents(latents, self.config.latent_mean, self.config.latent_std)
 
     def token_grid(self, height: int, width: int) -> tuple[int, int]:
         """Token grid (h, w) for an image of height×width pixels."""
         f = self.config.downsample_factor
         if height % f or width % f or height < f or width < f:
-            raise ValueError(f"image size {height}×{width}: height and width must be positive multiples of {f}")
+            raise ValueError(
+                f"image size {height}×{width}: height and width must be positive multiples of {f}"
+            )
         return height // f, width // f
 
 

@@ -32,7 +32,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Parameter counts, for the README and preset choice (asserted in tests).
-PRESET_PARAMS: dict[str, int] = {}
+PRESET_PARAMS: dict[str, int] = {
+    "fsq-8x8": 1_616_743,  # 1.6M
+    "vq-8x8": 1_621_867,  # 1.6M (the codebook is an EMA buffer, not a parameter)
+    "kl-8x8": 1_617_259,  # 1.6M
+    "patches-4": 1,  # no weights: one frozen placeholder scalar (see ImageTokenizer.__init__)
+    "fsq-f16-256": 55_529_097,  # 55.5M
+}
 
 
 def preset_config(name: str, **overrides: Any) -> ImageTokenizerConfig:

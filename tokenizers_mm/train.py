@@ -1,4 +1,6 @@
-"""Stage-1 training: ``accelerate launch -m tokenizers_mm.train --config tokenizers_mm/configs/NAME.yaml [--key value ...]``.
+"""Stage-1 training.
+
+    accelerate launch -m tokenizers_mm.train --config tokenizers_mm/configs/NAME.yaml [--key value ...]
 
 One linear ``main(cfg)``: setup → train loop → checkpoint → final folder + metrics. Runs as one or
 many processes (DDP through accelerate; on CPU ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu
@@ -27,7 +29,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from tokenizers_mm.checkpoints import atomic_save_dir, atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from tokenizers_mm.checkpoints import (
+    atomic_save_dir,
+    atomic_write_text,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from tokenizers_mm.config_io import ConfigError, load_config, to_dict
 from tokenizers_mm.discriminator import PatchDiscriminator, hinge_d_loss
 from tokenizers_mm.evaluate import evaluate_tokenizer, reconstruction_grid
@@ -81,7 +89,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {list(PRESETS)}, got {self.preset!r}")
-        for name in ("batch_size", "grad_accum", "max_steps", "resolution", "train_num", "eval_num", "log_every"):
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "resolution",
+            "train_num",
+            "eval_num",
+            "log_every",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "save_every", "eval_every", "disc_start", "num_workers"):
@@ -101,6 +117,54 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str) ->
     if kind == "l2":
         return F.mse_loss(recon, target)
     return F.l1_loss(recon, target) + F.mse_loss(recon, target)
+
+
+class StreamingBatches:
+    """Batches streamed from dataset paths (webdataset shards, HF folders) through ``ImageTextDataset``.
+
+    Each rank reads its own split of the data (by shard or by sample, see ``data.torch_dataset``) and
+    starts its next epoch on its own, so every rank always has a batch and DDP never waits on a rank
+    whose split is shorter. On resume the stream is fast-forwarded by the number of batches already
+    consumed, which reproduces the data position at the cost of re-reading those batches.
+    """
+
+    def __init__(self, sources: list[str], cfg: TrainConfig, rank: int, world: int):
+        from data.torch_dataset import ImageTextDataset
+
+        if len(sources) != 1:
+            raise ValueError(
+                "streaming (in_memory: false) reads exactly one dataset path; merge shards into one"
+            )
+        self.dataset = ImageTextDataset(
+            sources[0],
+            cfg.resolution,
+            rank=rank,
+            world_size=world,
+            shuffle=True,
+            seed=cfg.seed,
+            resample="bicubic",
+        )
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, drop_last=True
+        )
+        self.epoch, self.consumed, self._it = 0, 0, None
+
+    def get(self, micro_step: int) -> torch.Tensor:
+        while self.consumed <= micro_step:
+            batch = self._next()
+            self.consumed += 1
+        return batch["pixels"]
+
+    def _next(self) -> dict:
+        for _ in range(2):
+            if self._it is None:
+                self.dataset.set_epoch(self.epoch)
+                self._it = iter(self.loader)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self._it, self.epoch = None, self.epoch + 1
+        raise ValueError("the training data yields no full batch; lower batch_size or add data")
 
 
 class InMemoryBatches:
@@ -154,11 +218,16 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     accelerator.print(f"tokenizer {cfg.preset}: {n_params / 1e6:.2f}M parameters, {model_cfg.bottleneck}")
 
     # ---- data
-    images = _load_images(cfg.train_data, cfg.train_num, cfg.resolution, cfg.seed, "train")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.in_memory:
+        images = _load_images(cfg.train_data, cfg.train_num, cfg.resolution, cfg.seed, "train")
+        batches = InMemoryBatches(images, cfg.batch_size, rank, world, cfg.seed)
+    else:
+        images = None
+        batches = StreamingBatches(cfg.train_data, cfg, rank, world)
     eval_images = None
     if is_main:
         eval_images = _load_images([cfg.eval_data], cfg.eval_num, cfg.resolution, cfg.eval_seed, "test")
-    batches = InMemoryBatches(images, cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     # ---- optimisation
@@ -180,7 +249,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.disc_weight > 0:
         disc = PatchDiscriminator(model_cfg.in_channels)
         d_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
-        model, optimizer, scheduler, disc, d_opt = accelerator.prepare(model, optimizer, scheduler, disc, d_opt)
+        model, optimizer, scheduler, disc, d_opt = accelerator.prepare(
+            model, optimizer, scheduler, disc, d_opt
+        )
     else:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
@@ -242,10 +313,13 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         if bad:
             nonfinite_total += 1
             nonfinite_run += 1
-            accelerator.print(f"step {step}: non-finite loss or gradient, update skipped ({nonfinite_total} total)")
+            accelerator.print(
+                f"step {step}: non-finite loss or gradient, update skipped ({nonfinite_total} total)"
+            )
             if nonfinite_run >= cfg.max_nonfinite:
                 raise RuntimeError(
-                    f"{nonfinite_run} non-finite steps in a row at step {step}; stopping. Lower lr or check the data."
+                    f"{nonfinite_run} non-finite steps in a row at step {step}; stopping. "
+                    "Lower lr or check the data."
                 )
             continue
         nonfinite_run = 0
@@ -277,7 +351,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             save_checkpoint(accelerator, out_dir, step, state, extras, keep=cfg.keep_checkpoints)
     bar.close()
     train_time = time.time() - t0
-    return _finish(accelerator, cfg, model, ema, eval_images, images, train_time, history, {"skipped": nonfinite_total})
+    return _finish(
+        accelerator, cfg, model, ema, eval_images, images, train_time, history, {"skipped": nonfinite_total}
+    )
 
 
 def param_digest(model: torch.nn.Module) -> str:
@@ -289,7 +365,9 @@ def param_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _eval_model(accelerator: Accelerator, model: torch.nn.Module, ema: AveragedModel | None) -> ImageTokenizer:
+def _eval_model(
+    accelerator: Accelerator, model: torch.nn.Module, ema: AveragedModel | None
+) -> ImageTokenizer:
     m = ema.module if ema is not None else accelerator.unwrap_model(model)
     m.eval()
     return m
@@ -301,7 +379,7 @@ def _finish(
     model: torch.nn.Module,
     ema: AveragedModel | None,
     eval_images: torch.Tensor | None,
-    train_images: torch.Tensor,
+    train_images: torch.Tensor | None,
     train_time: float,
     history: list[dict[str, Any]],
     counters: dict[str, int],
@@ -318,6 +396,9 @@ def _finish(
         final_model = _eval_model(accelerator, model, ema)
         if final_model.config.bottleneck == "continuous":
             from tokenizers_mm.continuous import latent_stats
+
+            if train_images is None:  # streaming: estimate the stats on the (held-out) eval images
+                train_images = eval_images
 
             def _latents():
                 for i in range(0, min(len(train_images), 4096), 256):
@@ -353,7 +434,8 @@ def _finish(
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser = argparse.ArgumentParser(
-        description="Train a Stage-1 image tokenizer. Any TrainConfig field can be overridden with --key value "
+        description="Train a Stage-1 image tokenizer. Any TrainConfig field can be overridden with "
+        "--key value "
         "(nested: --model.base_channels 64).",
     )
     parser.add_argument("--config", type=str, default=None, help="YAML file with TrainConfig fields")

@@ -253,9 +253,11 @@ class VectorQuantizer(nn.Module):
             self.codebook = nn.Parameter(init)
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
         self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.long))
-        # Code counts accumulated by every forward since reset_usage(). Persistent and int64 so that
-        # meta-device construction (transformers >= 5) and dtype casts leave it intact.
-        self.register_buffer("usage_counts", torch.zeros(codebook_size, dtype=torch.long))
+        # Code counts accumulated by every forward since reset_usage(): per-process evaluation
+        # bookkeeping, not model state, so it is not saved (ranks see different data and would
+        # otherwise save different weights). int64 so dtype casts leave it intact. transformers >= 5
+        # re-creates non-persistent buffers uninitialized on load; its _init_weights calls reset_usage().
+        self.register_buffer("usage_counts", torch.zeros(codebook_size, dtype=torch.long), persistent=False)
 
     def extra_repr(self) -> str:
         return (

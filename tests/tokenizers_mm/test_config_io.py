@@ -30,7 +30,9 @@ class Cfg:
 def test_yaml_and_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("lr: 0.01\nlevels: [7, 5, 5]\ninner:\n  width: 8\n")
-    cfg = load_config(Cfg, p, ["--steps", "20", "--flag", "--inner.width=16", "--extra.a", "3", "--loss", "l1"])
+    cfg = load_config(
+        Cfg, p, ["--steps", "20", "--flag", "--inner.width=16", "--extra.a", "3", "--loss", "l1"]
+    )
     assert cfg.lr == 0.01 and cfg.steps == 20 and cfg.flag is True and cfg.levels == [7, 5, 5]
     assert cfg.inner.width == 16 and cfg.extra == {"a": 3} and cfg.loss == "l1"
 

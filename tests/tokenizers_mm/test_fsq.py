@@ -246,3 +246,32 @@ def test_round_trip_property(levels, data):
     z = torch.randn(16, len(levels), generator=torch.Generator().manual_seed(len(raw))) * 3
     out = fsq(z)
     assert torch.equal(fsq.indices_to_codes(out.indices), out.quantized)
+
+
+def test_entropy_loss_prefers_spread_confident_codes():
+    from tokenizers_mm.fsq import fsq_entropy_loss
+
+    levels = [8, 5, 5, 5]
+    g = torch.Generator().manual_seed(0)
+    collapsed = torch.zeros(4096, 4)
+    # Inputs whose bounded values sit on every integer level uniformly: confident and spread.
+    target = torch.stack(
+        [torch.randint(-(L // 2), (L - 1) // 2 + 1, (4096,), generator=g) for L in levels], -1
+    )
+    half = torch.tensor([(L - 1) * (1 + 1e-3) / 2 for L in levels])
+    offset = torch.tensor([0.5 if L % 2 == 0 else 0.0 for L in levels])
+    shift = torch.atanh(offset / half)
+    spread = torch.atanh((target + offset) / half) - shift
+    assert torch.allclose(fsq_bound(spread, levels), target.float(), atol=1e-4)
+    assert fsq_entropy_loss(spread, levels) < fsq_entropy_loss(collapsed, levels) - 0.5
+    z = torch.randn(256, 4, generator=g).requires_grad_(True)
+    fsq_entropy_loss(z, levels).backward()
+    assert z.grad.abs().sum() > 0
+
+
+def test_entropy_weight_adds_loss_only_in_training():
+    q = FSQ([8, 5, 5, 5], entropy_weight=0.1)
+    z = torch.randn(2, 16, 4, requires_grad=True)
+    assert q.train()(z).loss.item() != 0
+    assert q.eval()(z).loss.item() == 0
+    assert FSQ([8, 5, 5, 5])(z).loss.item() == 0

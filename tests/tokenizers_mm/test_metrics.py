@@ -28,7 +28,13 @@ def test_ssim_matches_skimage_gaussian():
         a = ((x[i] + 1) / 2).permute(1, 2, 0).numpy().astype(np.float64)
         b = ((y[i] + 1) / 2).permute(1, 2, 0).numpy().astype(np.float64)
         ref = structural_similarity(
-            a, b, data_range=1.0, channel_axis=2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+            a,
+            b,
+            data_range=1.0,
+            channel_axis=2,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
         )
         assert ours[i].item() == pytest.approx(ref, abs=1e-4)
 

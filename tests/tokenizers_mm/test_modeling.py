@@ -11,7 +11,9 @@ TINY = dict(base_channels=8, channel_mult=[1, 2, 2], num_res_blocks=1, mid_block
 def _tiny(bottleneck: str, **kw) -> ImageTokenizer:
     extra = {} if bottleneck == "patches" else TINY
     torch.manual_seed(0)
-    return ImageTokenizer(ImageTokenizerConfig(bottleneck=bottleneck, vq_codebook_size=64, vq_dim=4, **extra, **kw))
+    return ImageTokenizer(
+        ImageTokenizerConfig(bottleneck=bottleneck, vq_codebook_size=64, vq_dim=4, **extra, **kw)
+    )
 
 
 def _pixels(b=2, h=16, w=16, seed=0):

@@ -78,6 +78,14 @@ def test_raw_patches_need_no_training(tmp_path):
     assert metrics["psnr"] > 90  # lossless up to float rounding
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_process_run_keeps_ranks_identical(tmp_path):
@@ -86,6 +94,7 @@ def test_two_process_run_keeps_ranks_identical(tmp_path):
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()),
         "-m", "tokenizers_mm.train",
         "--preset", "vq-8x8", "--model", json.dumps({**TINY_MODEL, "vq_codebook_size": 64, "vq_dim": 4}),
         "--train_num", "256", "--eval_num", "16", "--batch_size", "16", "--max_steps", "8",
@@ -97,3 +106,38 @@ def test_two_process_run_keeps_ranks_identical(tmp_path):
     assert metrics["num_processes"] == 2
     digests = metrics["rank_param_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
+
+
+def test_streaming_from_webdataset_shards(tmp_path):
+    from data.build import build
+
+    shards = tmp_path / "shards"
+    build(
+        dataset="shapes",
+        num=96,
+        resolution=32,
+        format="webdataset",
+        out=shards,
+        seed=0,
+        shard_size=32,
+        progress=False,
+    )
+    metrics = main(
+        _cfg(tmp_path, train_data=[str(shards)], in_memory=False, max_steps=6, batch_size=16, eval_num=16)
+    )
+    assert len(_losses(tmp_path / "run")) == 6
+    assert metrics["psnr"] > 0
+
+
+def test_sources_read_embedded_and_paths(tmp_path):
+    from data.build import build
+    from data.sources import images_tensor
+
+    a, _ = images_tensor("shapes", num=8, resolution=32, seed=3)
+    b, _ = images_tensor("shapes", num=8, resolution=32, seed=3)
+    assert a.dtype == torch.uint8 and a.shape == (8, 3, 32, 32) and torch.equal(a, b)
+    build(dataset="digits", num=12, resolution=32, format="hf", out=tmp_path / "hf", seed=0, progress=False)
+    c, skips = images_tensor(str(tmp_path / "hf"), num=100, resolution=32)
+    assert c.shape == (12, 3, 32, 32) and skips.total == 0
+    with pytest.raises(ValueError, match="num must be"):
+        images_tensor("shapes", num=0, resolution=32)

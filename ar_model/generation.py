@@ -1,0 +1,307 @@
+"""Sampling from :class:`ar_model.modeling.MMDecoderForCausalLM` with a KV cache (issue 3 "Generation").
+
+Independent of transformers' ``generate``: prompts are left-padded to one batch, every row keeps its
+own 2-D positions (padding gets position 0 and is masked out as a key through ``attention_mask``),
+and a :class:`~ar_model.attention.KVCache` holds the keys and values of every layer.
+
+* :func:`generate_tokens`: text continuation (greedy, temperature, top-k, top-p).
+* :func:`generate_image_codes`: appends ``<boi> <h> <w>`` to each prompt and samples exactly
+  ``h * w`` codes, only from the image-code range, with batched classifier-free guidance.
+
+Positions of generated tokens follow the model's position rule: the whole sequence's segment list
+is known before sampling starts (text continues 1-D; an image's ``h`` and ``w`` are fixed by its size
+tokens), so :func:`ar_model.positions.multimodal_positions` gives every position up front.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ar_model.attention import KVCache
+from ar_model.positions import Segment, multimodal_positions
+
+CFG_SCHEDULES: tuple[str, ...] = ("constant", "linear")
+
+__all__ = [
+    "CFG_SCHEDULES",
+    "KVCache",
+    "generate_image_codes",
+    "generate_tokens",
+    "guidance_scale_at",
+    "left_pad",
+    "sample_logits",
+]
+
+
+# ----------------------------------------------------------------------------- sampling
+def sample_logits(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One id per row from ``logits (b, V)``; ``temperature=0`` is greedy (argmax).
+
+    top-k keeps the k largest logits; top-p (nucleus sampling, Holtzman et al. 2019,
+    arXiv:1904.09751) keeps the smallest set of ids whose probability mass reaches p (at least one).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature  # (b, V)
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (b, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (b, V)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (b, V)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this id already reaches p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)  # (b, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (b,)
+
+
+def guidance_scale_at(scale: float, schedule: str, step: int, total: int) -> float:
+    """Guidance scale for token ``step`` of ``total``: constant, or linear from 1 up to ``scale``."""
+    if schedule == "constant":
+        return scale
+    if schedule == "linear":  # weak guidance early, full at the last token
+        return 1.0 + (scale - 1.0) * (step + 1) / total
+    raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
+
+
+# ----------------------------------------------------------------------------- batching
+def left_pad(
+    ids: Sequence[torch.Tensor], positions: Sequence[torch.Tensor], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad rows ``(n_i,)`` / ``(n_i, 2)`` to ``ids (b, n)``, ``positions (b, n, 2)``, ``mask (b, n)``.
+
+    Padding has id ``pad_id``, position ``(0, 0)`` and mask False; real tokens keep their own positions.
+    """
+    if len(ids) != len(positions) or not ids:
+        raise ValueError("need one positions tensor per prompt, and at least one prompt")
+    n = max(t.shape[0] for t in ids)
+    device = ids[0].device
+    out_ids = torch.full((len(ids), n), pad_id, dtype=torch.long, device=device)
+    out_pos = torch.zeros(len(ids), n, 2, dtype=torch.float32, device=device)
+    mask = torch.zeros(len(ids), n, dtype=torch.bool, device=device)
+    for r, (t, p) in enumerate(zip(ids, positions)):
+        if p.shape != (t.shape[0], 2):
+            raise ValueError(f"prompt {r}: positions {tuple(p.shape)} do not match ids {tuple(t.shape)}")
+        k = t.shape[0]
+        if k:
+            out_ids[r, n - k :] = t
+            out_pos[r, n - k :] = p.to(device=device, dtype=torch.float32)
+            mask[r, n - k :] = True
+    return out_ids, out_pos, mask
+
+
+class _Stepper:
+    """Runs the model on a growing left-padded batch, with a KV cache or by recomputing everything."""
+
+    def __init__(
+        self, model, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, use_cache: bool
+    ):
+        self.model, self.use_cache = model, use_cache
+        self.ids, self.positions, self.mask = ids, positions, mask  # (b, n), (b, n, 2), (b, n)
+        self.cache: KVCache | None = None
+        self.padded = not bool(mask.all())
+
+    def prefill(self, capacity: int) -> torch.Tensor:
+        """Logits ``(b, V)`` after the prompt."""
+        cfg = self.model.config
+        if self.use_cache:
+            w = self.model.model.embed_tokens.weight
+            b = self.ids.shape[0]
+            self.cache = KVCache(
+                cfg.num_layers, b, cfg.num_kv_heads, cfg.head_dim, capacity, dtype=w.dtype, device=w.device
+            )
+        return self._run(self.ids, self.positions)
+
+    def step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Append ``token (b,)`` at ``position (b, 2)``; logits ``(b, V)`` for the next token."""
+        if self.padded:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)  # (b, n + 1)
+        if self.use_cache:
+            return self._run(token[:, None], position[:, None])
+        self.ids = torch.cat([self.ids, token[:, None]], dim=1)  # (b, n + 1)
+        self.positions = torch.cat([self.positions, position[:, None]], dim=1)  # (b, n + 1, 2)
+        return self._run(self.ids, self.positions)
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        mask = self.mask if self.padded else None
+        out = self.model(
+            ids, positions=positions, attention_mask=mask, past_key_values=self.cache, logits_to_keep=1
+        )
+        return out.logits[:, -1]  # (b, V)
+
+
+def _as_rows(prompts: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() == 1:
+            prompts = prompts[None]
+        if prompts.dim() != 2:
+            raise ValueError(f"prompt ids must be (b, n) or a list of (n_i,), got {tuple(prompts.shape)}")
+        return list(prompts)
+    return [torch.as_tensor(p, dtype=torch.long) for p in prompts]
+
+
+# ----------------------------------------------------------------------------- text
+@torch.no_grad()
+def generate_tokens(
+    model,
+    prompt_ids: torch.Tensor | Sequence[torch.Tensor],
+    prompt_positions: torch.Tensor | Sequence[torch.Tensor] | None,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    eos_id: int | None = None,
+    allowed_range: tuple[int, int] | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Continue each prompt with up to ``max_new_tokens`` text tokens; returns ``(b, max_new_tokens)``.
+
+    Prompts are ``(b, n)`` or a list of ``(n_i,)`` (left-padded here), with positions ``(b, n, 2)`` /
+    ``(n_i, 2)`` (None: text-only 1-D positions). A prompt ends with a text token (e.g. ``<eoi>`` after an
+    image), so generated token ``t`` sits at the prompt's last position ``+ 1 + t`` on both axes, which is
+    what :func:`~ar_model.positions.multimodal_positions` gives for a trailing text segment. After
+    ``eos_id`` (default ``config.eos_id``) a row emits ``pad_id``; generation stops when every row has.
+    Only ids in ``allowed_range = [start, stop)`` are sampled (default: the text ids
+    ``[0, config.text_vocab_size)``, so captions never contain image codes).
+    """
+    cfg = model.config
+    rows = _as_rows(prompt_ids)
+    if prompt_positions is None:
+        pos_rows = [multimodal_positions([("text", r.shape[0])], "flat", device=r.device) for r in rows]
+    elif isinstance(prompt_positions, torch.Tensor):
+        pos_rows = list(prompt_positions[None] if prompt_positions.dim() == 2 else prompt_positions)
+    else:
+        pos_rows = list(prompt_positions)
+    if any(r.shape[0] == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token (e.g. <bos>)")
+    ids, positions, mask = left_pad(rows, pos_rows, cfg.pad_id)
+    b, n = ids.shape
+    if n + max_new_tokens > cfg.max_position:
+        raise ValueError(f"{n} prompt + {max_new_tokens} new tokens exceed max_position={cfg.max_position}")
+    eos_id = cfg.eos_id if eos_id is None else eos_id
+    start, stop = (0, cfg.text_vocab_size) if allowed_range is None else allowed_range
+    if not 0 <= start < stop <= cfg.vocab_size:
+        raise ValueError(f"allowed_range must be within [0, {cfg.vocab_size}), got {allowed_range}")
+    last = positions[:, -1]  # (b, 2): every row's last real token (left padding)
+    stepper = _Stepper(model, ids, positions, mask, use_cache)
+    logits = stepper.prefill(n + max_new_tokens)
+    out = torch.full((b, max_new_tokens), cfg.pad_id, dtype=torch.long, device=ids.device)
+    done = torch.zeros(b, dtype=torch.bool, device=ids.device)
+    for t in range(max_new_tokens):
+        token = sample_logits(logits[:, start:stop], temperature, top_k, top_p, generator) + start  # (b,)
+        token = torch.where(done, torch.full_like(token, cfg.pad_id), token)
+        out[:, t] = token
+        done |= token == eos_id
+        if t + 1 == max_new_tokens or bool(done.all()):
+            break
+        logits = stepper.step(token, last + 1 + t)
+    return out
+
+
+# ----------------------------------------------------------------------------- images
+def _image_rows(
+    rows: list[torch.Tensor], segments: Sequence[Sequence[Segment]] | None, h: int, w: int, cfg, scheme: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Prompt ids + ``<boi> <h> <w>`` per row, and positions of the prompt, size tokens *and* the image."""
+    suffix = [cfg.boi_id, cfg.h_token(h), cfg.w_token(w)]
+    ids, positions = [], []
+    for r, row in enumerate(rows):
+        segs = list(segments[r]) if segments is not None else [("text", row.shape[0])]
+        full = [*segs, ("text", len(suffix)), ("image", (h, w))]
+        pos = multimodal_positions(full, scheme, device=row.device)  # (n_i + 3 + h*w, 2)
+        if pos.shape[0] != row.shape[0] + len(suffix) + h * w:
+            raise ValueError(
+                f"prompt {r}: its segments cover {pos.shape[0] - 3 - h * w} tokens, not {row.shape[0]}"
+            )
+        ids.append(torch.cat([row.to(torch.long), torch.tensor(suffix, dtype=torch.long, device=row.device)]))
+        positions.append(pos)
+    return ids, positions
+
+
+@torch.no_grad()
+def generate_image_codes(
+    model,
+    prompts: torch.Tensor | Sequence[torch.Tensor],
+    h: int,
+    w: int,
+    *,
+    guidance_scale: float = 1.0,
+    cfg_schedule: str = "constant",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    prompt_segments: Sequence[Sequence[Segment]] | None = None,
+    uncond_prompt: torch.Tensor | None = None,
+    use_cfg: bool | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Sample an ``h × w`` grid of image codes after each prompt; returns LongTensor ``(b, h, w)``.
+
+    ``prompts``: token ids per row, e.g. ``<bos> caption`` (``(b, n)`` or a list of ``(n_i,)``; rows of
+    different lengths are left-padded). ``prompt_segments`` gives each prompt's ``("text", n)`` /
+    ``("image", (h, w))`` list when a prompt holds images (default: text only). ``<boi> <h> <w>`` is
+    appended, then exactly ``h * w`` codes are sampled in raster order from the image-code logits only
+    (every id outside ``config.image_code_range`` is excluded).
+
+    Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598): the cond rows and as many uncond
+    rows (``uncond_prompt``, default ``<bos>`` = the empty caption) run in one batch, and codes are
+    sampled from ``l_u + s (l_c - l_u)``, computed as ``l_c + (s - 1)(l_c - l_u)`` so that ``s = 1``
+    gives ``l_c`` exactly. ``cfg_schedule="linear"`` ramps ``s`` from 1 up to ``guidance_scale`` over
+    the image (:func:`guidance_scale_at`). ``use_cfg`` (default: ``guidance_scale != 1``) runs the
+    uncond rows; without them no guidance is applied.
+    """
+    cfg = model.config
+    rows = _as_rows(prompts)
+    if any(r.shape[0] == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token (e.g. <bos>)")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+    b, hw = len(rows), h * w
+    ids, positions = _image_rows(rows, prompt_segments, h, w, cfg, cfg.rope_scheme)
+    guided = guidance_scale != 1.0 if use_cfg is None else use_cfg
+    if guided:
+        uncond = torch.tensor([cfg.bos_id]) if uncond_prompt is None else torch.as_tensor(uncond_prompt)
+        u_ids, u_pos = _image_rows([uncond.to(rows[0].device)] * b, None, h, w, cfg, cfg.rope_scheme)
+        ids, positions = ids + u_ids, positions + u_pos
+    prompt_len = [t.shape[0] for t in ids]
+    prompt_pos = [p[: len(t)] for p, t in zip(positions, ids)]
+    image_pos = torch.stack([p[len(t) :] for p, t in zip(positions, ids)])  # (rows, h*w, 2)
+    batch_ids, batch_pos, mask = left_pad(ids, prompt_pos, cfg.pad_id)
+    if batch_ids.shape[1] + hw > cfg.max_position:
+        raise ValueError(
+            f"{max(prompt_len)} prompt + {hw} image tokens exceed max_position={cfg.max_position}"
+        )
+    start, stop = cfg.image_code_range
+    stepper = _Stepper(model, batch_ids, batch_pos, mask, use_cache)
+    logits = stepper.prefill(batch_ids.shape[1] + hw)
+    codes = torch.empty(b, hw, dtype=torch.long, device=batch_ids.device)
+    for t in range(hw):
+        code_logits = logits[:, start:stop].float()  # (rows, num_image_codes): the only ids allowed
+        if guided:
+            cond, uncond = code_logits[:b], code_logits[b:]  # each (b, num_image_codes)
+            scale = guidance_scale_at(guidance_scale, cfg_schedule, t, hw)
+            code_logits = cond + (scale - 1.0) * (cond - uncond)
+        codes[:, t] = sample_logits(code_logits, temperature, top_k, top_p, generator)
+        if t + 1 == hw:
+            break  # the last code needs no forward pass
+        token = codes[:, t] + start  # (b,) ids in the shared vocabulary
+        if guided:
+            token = torch.cat([token, token])  # the uncond rows continue with the same codes: (2b,)
+        logits = stepper.step(token, image_pos[:, t])
+    return codes.view(b, h, w)  # (b, h*w) -> (b, h, w), raster order
