@@ -1,0 +1,500 @@
+"""Stage-2 training: the interleaved decoder on packed caption→image and image→caption documents.
+
+    accelerate launch -m ar_model.train --config ar_model/configs/NAME.yaml [--tokenizer DIR] [--key value]
+
+One linear ``main(cfg)``: setup → data → train loop → checkpoints → final folder + metrics.
+
+* **Data.** Images come from embedded sources or dataset paths (``train_data``), encoded once by the
+  frozen Stage-1 tokenizer ``--tokenizer DIR`` into ``output_dir/codes/`` (with the tokenizer's
+  identity, reused on resume), or from codes pre-extracted by ``python -m data.extract_codes``
+  (``codes_data``); either way the codes are loaded with an identity check, so codes from another
+  tokenizer are an error, not garbage training. A SentencePiece model is trained on the captions
+  and saved with the run. Documents are packed into rows of ``max_len`` (:mod:`ar_model.documents`);
+  the data position is a pure function of the step, so ``--resume`` continues mid-epoch exactly.
+* **Loop.** Gradient accumulation, cosine schedule with warm-up, optional EMA weights, non-finite
+  steps skipped (all ranks agree), periodic validation loss and a sample grid PNG of text-to-image
+  generations, atomic checkpoints.
+* **Output.** ``output_dir/final`` is an :class:`ar_model.generator.MMGenerator` folder (decoder,
+  text tokenizer, image tokenizer) that loads with ``from_pretrained``; ``metrics.json`` beside it.
+
+CPU default is fp32 (bf16 on these CPUs is 30–80× slower); pass ``--mixed_precision bf16`` to
+``accelerate launch`` on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from ar_model.config import vocab_layout
+from ar_model.documents import I2T, T2I, CodesCorpus, PackedBatches, eval_batches
+from ar_model.generator import MMGenerator
+from ar_model.modeling import MMDecoderForCausalLM
+from ar_model.packing import IGNORE_INDEX, TokenBatch
+from ar_model.presets import PRESETS, count_parameters, preset_config
+from ar_model.text_tokenizer import TextTokenizer, train_text_tokenizer
+from tokenizers_mm.checkpoints import (
+    atomic_save_dir,
+    atomic_write_text,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from tokenizers_mm.config_io import ConfigError, load_config, to_dict
+from tokenizers_mm.modeling import ImageTokenizer
+from tokenizers_mm.train import param_digest
+
+
+@dataclass
+class TrainConfig:
+    """Everything a Stage-2 run needs; saved as ``train_config.json`` beside the outputs."""
+
+    tokenizer: str = ""  # folder of the frozen Stage-1 image tokenizer (required)
+    preset: str = "small"  # a name from ar_model.presets.PRESETS
+    model: dict[str, Any] = field(default_factory=dict)  # overrides of MMDecoderConfig fields
+    # embedded sources (shapes|digits) and/or dataset paths, encoded by the tokenizer at startup
+    train_data: list[str] = field(default_factory=lambda: ["shapes"])
+    train_num: int = 20000  # samples per source (a path is read up to this many)
+    codes_data: list[str] = field(default_factory=list)  # folders written by python -m data.extract_codes
+    val_data: list[str] = field(default_factory=lambda: ["shapes"])  # held-out sources (split "test")
+    val_num: int = 256  # samples per validation source
+    val_seed: int = 1_000_003  # embedded validation sets use a seed disjoint from training
+    resolution: int = 32
+    text_vocab_size: int = 600  # upper bound of the SentencePiece vocabulary (specials and bytes included)
+    text_model_type: str = "bpe"  # "bpe" | "unigram"
+    max_len: int = 512  # tokens per packed row
+    tokens_per_batch: int = 4096  # token budget of one micro-batch per process
+    t2i_fraction: float = 0.75  # share of documents in caption→image order (the rest image→caption)
+    caption_drop: float = 0.1  # share of caption→image documents whose caption is dropped (for CFG)
+    seed: int = 0
+    grad_accum: int = 1
+    max_steps: int = 2000  # optimizer steps
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.05  # on matrices only (not norms)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # EMA of weights (0 disables); the final folder then holds the EMA weights
+    output_dir: str = "runs/decoder"
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    eval_every: int = 250  # validation loss every N steps (0: only at the end)
+    sample_every: int = 0  # sample grid PNG every N steps (0: only at the end)
+    num_sample_prompts: int = 16
+    guidance_scale: float = 3.0  # for the sample grids
+    temperature: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    log_every: int = 25
+    max_nonfinite: int = 10  # stop after this many non-finite steps in a row
+    resume: bool = False
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.tokenizer:
+            raise ValueError("--tokenizer DIR (a trained Stage-1 image tokenizer folder) is required")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {list(PRESETS)}, got {self.preset!r}")
+        if not self.train_data and not self.codes_data:
+            raise ValueError("give train_data (sources to encode) and/or codes_data (pre-extracted codes)")
+        for name in ("grad_accum", "max_steps", "resolution", "train_num", "val_num", "log_every", "max_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        for name in (
+            "warmup_steps",
+            "save_every",
+            "eval_every",
+            "sample_every",
+            "top_k",
+            "num_sample_prompts",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        if self.tokens_per_batch < self.max_len:
+            raise ValueError(f"tokens_per_batch={self.tokens_per_batch} must be ≥ max_len={self.max_len}")
+        for name in ("t2i_fraction", "caption_drop"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.text_model_type not in ("bpe", "unigram"):
+            raise ValueError(f"text_model_type must be 'bpe' or 'unigram', got {self.text_model_type!r}")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id user/name")
+
+
+# ----------------------------------------------------------------------------- data
+def _codes_folders(accelerator: Accelerator, cfg: TrainConfig, tokenizer_dir: str, out_dir: Path) -> dict:
+    """Encode the configured sources once (main process) into ``out_dir/codes``; return folders per split."""
+    from data.extract_codes import extract_codes
+
+    folders: dict[str, list[Path]] = {"train": [Path(p) for p in cfg.codes_data], "val": []}
+    jobs = [("train", i, s, cfg.train_num, cfg.seed) for i, s in enumerate(cfg.train_data)]
+    jobs += [("val", i, s, cfg.val_num, cfg.val_seed) for i, s in enumerate(cfg.val_data)]
+    for split, i, source, num, seed in jobs:
+        folder = out_dir / "codes" / f"{split}-{i}"
+        if accelerator.is_main_process and not (folder / "codes_meta.json").is_file():
+            extract_codes(
+                tokenizer=tokenizer_dir,
+                dataset=source,
+                num=num,
+                resolution=cfg.resolution,
+                out=folder,
+                split="train" if split == "train" else "test",
+                seed=seed,
+                overwrite=True,
+                progress=True,
+                device=accelerator.device,
+            )
+        folders[split].append(folder)
+    accelerator.wait_for_everyone()
+    return folders
+
+
+def _load_all(folders: list[Path], tokenizer: ImageTokenizer) -> tuple[torch.Tensor, list[str]]:
+    """Concatenate codes folders after checking each was made by this tokenizer."""
+    from data.codes import load_codes
+
+    codes, captions = [], []
+    for folder in folders:
+        data = load_codes(folder, expect=tokenizer)
+        if data.skips.total:
+            print(f"{folder}: skipped {data.skips.total} unreadable samples ({data.skips.summary()})")
+        if codes and data.tokens.shape[1:] != codes[0].shape[1:]:
+            raise ValueError(
+                f"{folder}: grid {tuple(data.tokens.shape[1:])} differs from {tuple(codes[0].shape[1:])}"
+            )
+        codes.append(data.tokens.long())
+        captions.extend(data.captions)
+    return torch.cat(codes), captions
+
+
+def _text_tokenizer(
+    accelerator: Accelerator, cfg: TrainConfig, captions: list[str], out_dir: Path
+) -> TextTokenizer:
+    """Train the SentencePiece model on the training captions (main process), or reuse the run's."""
+    path = out_dir / "text_tokenizer.model"
+    if accelerator.is_main_process and not path.is_file():
+        train_text_tokenizer(captions, path, cfg.text_vocab_size, cfg.text_model_type)
+    accelerator.wait_for_everyone()
+    return TextTokenizer.load(path)
+
+
+def _to_device(batch: TokenBatch, device: torch.device) -> dict[str, Any]:
+    t = batch.tensors
+    return {
+        "input_ids": t["input_ids"].to(device),
+        "positions": t["positions"].to(device),
+        "labels": t["labels"].to(device),
+        "doc_ids": batch.doc_ids.to(device),
+        "seq_lens": batch.seq_lens,
+    }
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def validation_loss(model: MMDecoderForCausalLM, batches: list[TokenBatch], device: torch.device) -> dict:
+    """Mean cross-entropy over all tokens, over image codes of caption→image documents, and over
+    caption tokens (and ``<eos>``) of image→caption documents."""
+    cfg = model.config
+    sums = {"val_loss": 0.0, "val_image_loss": 0.0, "val_caption_loss": 0.0}
+    counts = dict.fromkeys(sums, 0)
+    prefix = torch.tensor([cfg.bos_id, cfg.boi_id], device=device)
+    for batch in batches:
+        inputs = _to_device(batch, device)
+        labels = inputs.pop("labels")
+        logits = model(**inputs).logits  # (rows, max_len, V)
+        ce = F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view_as(labels)  # (rows, max_len)
+        task = batch.tensors["task"].to(device)
+        ids = inputs["input_ids"]
+        real = labels != IGNORE_INDEX
+        is_code = labels >= cfg.code_offset
+        size_tok = (ids >= cfg.size_token_start) & (ids < cfg.size_token_start + 2 * cfg.max_image_side)
+        masks = {
+            "val_loss": real,
+            "val_image_loss": real & is_code & (task == T2I),
+            "val_caption_loss": real & ~is_code & (task == I2T) & ~torch.isin(ids, prefix) & ~size_tok,
+        }
+        for key, mask in masks.items():
+            sums[key] += float(ce[mask].sum())
+            counts[key] += int(mask.sum())
+    return {k: sums[k] / max(counts[k], 1) for k in sums}
+
+
+def sample_prompts(n: int, seed: int = 0) -> list[str]:
+    """Fixed held-out shapes prompts, cycling over the evaluation categories."""
+    from data.shapes import EVAL_CATEGORIES, eval_prompts
+
+    per = -(-n // len(EVAL_CATEGORIES)) if n else 0
+    by_cat = [eval_prompts(c, per, seed) for c in EVAL_CATEGORIES]
+    return [by_cat[i % len(by_cat)][i // len(by_cat)][0] for i in range(n)]
+
+
+def sample_grid(gen: MMGenerator, prompts: list[str], cfg: TrainConfig, path: Path) -> None:
+    from PIL import Image
+
+    from data.images import make_grid
+
+    images = gen.text_to_image(
+        prompts, guidance_scale=cfg.guidance_scale, temperature=cfg.temperature, top_k=cfg.top_k or None
+    )  # (n, 3, H, W) uint8
+    pils = [
+        Image.fromarray(im.permute(1, 2, 0).cpu().numpy()).resize((im.shape[-1] * 4, im.shape[-2] * 4), 0)
+        for im in images
+    ]  # (3, H, W) -> (H, W, 3), upscaled ×4 (nearest) to be visible
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(pils, nrow=int(math.ceil(math.sqrt(len(pils))))).save(path)
+
+
+# ----------------------------------------------------------------------------- main
+def main(cfg: TrainConfig) -> dict[str, Any]:
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    set_seed(cfg.seed, device_specific=False)
+    out_dir, is_main = Path(cfg.output_dir), accelerator.is_main_process
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "train_config.json", json.dumps(to_dict(cfg), indent=2))
+    image_tokenizer = ImageTokenizer.from_pretrained(cfg.tokenizer, use_safetensors=True).eval()
+    if not image_tokenizer.config.is_discrete:
+        raise ValueError(
+            f"{cfg.tokenizer} is a {image_tokenizer.config.bottleneck} tokenizer; the LM head needs discrete "
+            "codes (fsq or vq)"
+        )
+
+    # ---- data: codes (identity-checked), text tokenizer, packed batches
+    folders = _codes_folders(accelerator, cfg, cfg.tokenizer, out_dir)
+    codes, captions = _load_all(folders["train"], image_tokenizer)
+    text_tok = _text_tokenizer(accelerator, cfg, captions, out_dir)
+    model_cfg = preset_config(
+        cfg.preset, **{**vocab_layout(text_tok, image_tokenizer.config.codebook_size), **cfg.model}
+    )
+    corpus = CodesCorpus(codes, captions, text_tok, cfg.max_len)
+    batch_args = dict(max_len=cfg.max_len, scheme=model_cfg.rope_scheme, code_offset=model_cfg.code_offset)
+    batches = PackedBatches(
+        corpus,
+        tokens_per_batch=cfg.tokens_per_batch,
+        pad_id=model_cfg.pad_id,
+        rank=rank,
+        world=world,
+        seed=cfg.seed,
+        t2i_fraction=cfg.t2i_fraction,
+        caption_drop=cfg.caption_drop,
+        **batch_args,
+    )
+    val_batches: list[TokenBatch] = []
+    if is_main and folders["val"]:
+        val_codes, val_captions = _load_all(folders["val"], image_tokenizer)
+        val_corpus = CodesCorpus(val_codes, val_captions, text_tok, cfg.max_len)
+        val_batches = eval_batches(
+            val_corpus, tokens_per_batch=cfg.tokens_per_batch, pad_id=model_cfg.pad_id, **batch_args
+        )
+    accelerator.print(
+        f"decoder {cfg.preset}: {count_parameters(model_cfg) / 1e6:.2f}M parameters, "
+        f"{model_cfg.rope_scheme}; {len(corpus)} samples of {corpus.grid[0]}x{corpus.grid[1]} codes, "
+        f"text vocab {text_tok.vocab_size}, "
+        f"{batches.batches_per_epoch} batches/epoch/process"
+    )
+
+    # ---- model and optimisation
+    model = MMDecoderForCausalLM(model_cfg)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+    )
+    # accelerate steps a prepared scheduler once per process per optimizer step, hence the scaling.
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps * world,
+        num_training_steps=cfg.max_steps * world,
+        min_lr_rate=cfg.min_lr_ratio,
+    )
+    ema = None
+    if cfg.ema_decay > 0:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    step, micro, tokens_seen, nonfinite_total, nonfinite_run = 0, 0, 0, 0, 0
+    if cfg.resume and (ckpt := latest_checkpoint(out_dir)) is not None:
+        state, extras = load_checkpoint(accelerator, ckpt)
+        step, micro = state["step"], state["micro_step"]
+        tokens_seen, nonfinite_total = state.get("tokens_seen", 0), state.get("nonfinite_total", 0)
+        if ema is not None and "ema" in extras:
+            ema.load_state_dict(extras["ema"])
+        accelerator.print(f"resumed from {ckpt} at step {step}")
+    elif cfg.resume:
+        accelerator.print(f"--resume: no checkpoint in {out_dir}/checkpoints, starting fresh")
+    if is_main and step == 0:
+        for stale in ("log.jsonl", "val_log.jsonl"):
+            (out_dir / stale).unlink(missing_ok=True)
+
+    def eval_model() -> MMDecoderForCausalLM:
+        return ema.module if ema is not None else accelerator.unwrap_model(model)
+
+    def log(name: str, record: dict) -> None:
+        with open(out_dir / name, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    prompts = sample_prompts(cfg.num_sample_prompts)
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, desc="decoder", dynamic_ncols=True)
+    t0, t_window, tok_window = time.time(), time.time(), 0
+    model.train()
+    while step < cfg.max_steps:
+        batch = batches.get(micro)
+        inputs = _to_device(batch, device)
+        n_tokens = int((inputs["labels"] != IGNORE_INDEX).sum())
+        micro += 1
+        with accelerator.accumulate(model):
+            loss = model(**inputs).loss
+            # Every rank must take the same branch, or DDP's collectives would deadlock.
+            bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss)), device=device), "max") > 0
+            if not bad:
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    gnorm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    bad = not torch.isfinite(torch.as_tensor(gnorm))
+                if not bad:
+                    optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        tokens_seen += n_tokens * world
+        tok_window += n_tokens * world
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        bar.update(1)
+        if bad:
+            nonfinite_total += 1
+            nonfinite_run += 1
+            accelerator.print(
+                f"step {step}: non-finite loss or gradient, update skipped ({nonfinite_total} total)"
+            )
+            if nonfinite_run >= cfg.max_nonfinite:
+                raise RuntimeError(
+                    f"{nonfinite_run} non-finite steps in a row at step {step}; stopping. "
+                    "Lower lr or check the data."
+                )
+            continue
+        nonfinite_run = 0
+        if ema is not None:
+            ema.update_parameters(accelerator.unwrap_model(model))
+        if is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            now = time.time()
+            record = {
+                "step": step,
+                "loss": float(loss.detach()),
+                "lr": scheduler.get_last_lr()[0],
+                "tokens_per_s": round(tok_window / max(now - t_window, 1e-9), 1),
+                "tokens_seen": tokens_seen,
+                "elapsed_s": round(now - t0, 1),
+            }
+            t_window, tok_window = now, 0
+            log("log.jsonl", record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and is_main and val_batches:
+            m = eval_model().eval()
+            record = {"step": step, **validation_loss(m, val_batches, device)}
+            log("val_log.jsonl", record)
+            accelerator.print(
+                f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step")
+            )
+            model.train()
+        if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps and is_main and prompts:
+            gen = MMGenerator(eval_model(), text_tok, image_tokenizer)
+            sample_grid(gen, prompts, cfg, out_dir / "samples" / f"step-{step:06d}.png")
+            model.train()
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            extras = {"ema": {k: v.detach().clone() for k, v in ema.state_dict().items()}} if ema else None
+            state = {
+                "step": step,
+                "micro_step": micro,
+                "tokens_seen": tokens_seen,
+                "nonfinite_total": nonfinite_total,
+            }
+            save_checkpoint(accelerator, out_dir, step, state, extras, keep=cfg.keep_checkpoints)
+    bar.close()
+    train_time = time.time() - t0
+
+    # ---- final folder and metrics
+    accelerator.wait_for_everyone()
+    # Replicas must hold identical weights after DDP training; record every rank's digest to prove it.
+    digests = gather_object([param_digest(accelerator.unwrap_model(model))])
+    if len(set(digests)) != 1:
+        accelerator.print(f"WARNING: parameters differ across processes: {digests}")
+    metrics: dict[str, Any] = {}
+    if is_main:
+        final_model = eval_model().eval()
+        gen = MMGenerator(final_model, text_tok, image_tokenizer)
+        metrics = {
+            **(validation_loss(final_model, val_batches, device) if val_batches else {}),
+            "steps": step,
+            "train_time_s": round(train_time, 1),
+            "tokens_seen": tokens_seen,
+            "tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
+            "params": count_parameters(model_cfg),
+            "preset": cfg.preset,
+            "rope_scheme": model_cfg.rope_scheme,
+            "text_vocab_size": text_tok.vocab_size,
+            "captions_truncated": corpus.num_truncated,
+            "nonfinite_steps_skipped": nonfinite_total,
+            "num_processes": world,
+            "rank_param_digests": digests,
+        }
+        atomic_save_dir(out_dir / "final", gen.save)
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+        if prompts:
+            sample_grid(gen, prompts, cfg, out_dir / "samples" / "final.png")
+        accelerator.print(
+            f"final: val loss {metrics.get('val_loss', float('nan')):.4f}, "
+            f"{metrics['tokens_per_s']:.0f} tok/s "
+            f"→ {out_dir / 'final'}"
+        )
+        if cfg.push_to_hub:
+            from huggingface_hub import create_repo, upload_folder
+
+            create_repo(cfg.hub_model_id, private=cfg.hub_private, exist_ok=True)
+            upload_folder(repo_id=cfg.hub_model_id, folder_path=str(out_dir / "final"))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(
+        description="Train the Stage-2 decoder. Any TrainConfig field can be overridden with --key value "
+        "(nested: --model.hidden_size 256).",
+    )
+    parser.add_argument("--config", type=str, default=None, help="YAML file with TrainConfig fields")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        return load_config(TrainConfig, args.config, rest)
+    except (ConfigError, ValueError) as e:
+        parser.error(str(e))
+
+
+if __name__ == "__main__":
+    main(parse_args(sys.argv[1:]))
+    sys.exit(0)

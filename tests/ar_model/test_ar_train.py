@@ -1,0 +1,145 @@
+"""Short real Stage-2 runs: in-process, resumed, codes checks, and 2 processes under accelerate launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ar_model.generator import MMGenerator
+from ar_model.train import TrainConfig, main, parse_args
+from tokenizers_mm import ImageTokenizer
+from tokenizers_mm.presets import preset_config
+
+TINY_TOKENIZER = dict(base_channels=8, channel_mult=[1, 2, 2], mid_blocks=0, norm_groups=4)
+TINY_DECODER = {"hidden_size": 64, "num_layers": 2, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tok") / "fsq"
+    ImageTokenizer(preset_config("fsq-8x8", resolution=32, **TINY_TOKENIZER)).save_pretrained(path)
+    return path
+
+
+def _cfg(tmp_path: Path, tokenizer_dir: Path, **kw) -> TrainConfig:
+    base = dict(
+        tokenizer=str(tokenizer_dir),
+        preset="tiny",
+        model=dict(TINY_DECODER),
+        train_data=["shapes", "digits"],
+        train_num=160,
+        val_data=["shapes"],
+        val_num=16,
+        max_len=256,
+        tokens_per_batch=1024,
+        max_steps=30,
+        warmup_steps=3,
+        lr=3e-3,
+        log_every=1,
+        eval_every=0,
+        save_every=0,
+        num_sample_prompts=4,
+        output_dir=str(tmp_path / "run"),
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_short_run_learns_and_leaves_a_loadable_folder(tmp_path, tokenizer_dir):
+    metrics = main(_cfg(tmp_path, tokenizer_dir, eval_every=15, sample_every=15))
+    run = tmp_path / "run"
+    losses = [r["loss"] for r in _log(run)]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    for key in ("val_loss", "val_image_loss", "val_caption_loss", "tokens_per_s"):
+        assert metrics[key] > 0
+    assert [json.loads(x)["step"] for x in (run / "val_log.jsonl").read_text().splitlines()] == [15]
+    assert (run / "samples" / "step-000015.png").is_file() and (run / "samples" / "final.png").is_file()
+    gen = MMGenerator.load(run / "final")
+    images = gen.text_to_image(["a red circle", "the digit seven"], guidance_scale=2.0)
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
+    captions = gen.image_to_text(images, max_new_tokens=6)
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+    # the saved decoder is the trained one
+    saved = load_file(run / "final" / "model.safetensors")
+    assert torch.equal(saved["model.norm.weight"], gen.decoder.model.norm.weight)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tokenizer_dir):
+    kw = dict(max_steps=10, save_every=5, log_every=5, ema_decay=0.9)
+    main(_cfg(tmp_path, tokenizer_dir, **kw))
+    run = tmp_path / "run"
+    full = load_file(run / "final" / "model.safetensors")
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-5"]
+    # As if the run died after the step-5 checkpoint: resume redoes steps 6..10 exactly (EMA included).
+    main(_cfg(tmp_path, tokenizer_dir, resume=True, **kw))
+    resumed = load_file(run / "final" / "model.safetensors")
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
+def test_codes_from_another_tokenizer_are_refused(tmp_path, tokenizer_dir):
+    from data.codes import CodesMismatchError
+    from data.extract_codes import extract_codes
+
+    torch.manual_seed(1)
+    other = tmp_path / "other"
+    ImageTokenizer(preset_config("fsq-8x8", resolution=32, **TINY_TOKENIZER)).save_pretrained(other)
+    codes = extract_codes(other, "shapes", 64, 32, tmp_path / "codes", progress=False)
+    with pytest.raises(CodesMismatchError):
+        main(_cfg(tmp_path, tokenizer_dir, train_data=[], codes_data=[str(codes)], val_data=[]))
+
+
+def test_bad_arguments_fail_before_any_work(tmp_path, tokenizer_dir):
+    with pytest.raises(SystemExit):
+        parse_args(["--tokenizer", str(tokenizer_dir), "--max_steps", "0"])
+    with pytest.raises(SystemExit):
+        parse_args(["--tokenizer", str(tokenizer_dir), "--no_such_key", "1"])
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "tiny"])  # no tokenizer
+    with pytest.raises(ValueError, match="raise max_len"):
+        main(_cfg(tmp_path, tokenizer_dir, max_len=32, tokens_per_batch=64))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_process_run_keeps_ranks_identical(tmp_path, tokenizer_dir):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()),
+        "-m", "ar_model.train", "--tokenizer", str(tokenizer_dir), "--preset", "tiny",
+        "--model", json.dumps(TINY_DECODER), "--train_num", "160", "--val_num", "16",
+        "--max_len", "256", "--tokens_per_batch", "512", "--max_steps", "6", "--warmup_steps", "1",
+        "--save_every", "3", "--eval_every", "3", "--num_sample_prompts", "2", "--output_dir", str(run),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2
+    digests = metrics["rank_param_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert (run / "checkpoints" / "step-3").is_dir()
+    MMGenerator.load(run / "final")
