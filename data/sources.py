@@ -2,10 +2,14 @@
 
 ``images_tensor`` is what trainers and evaluators call: embedded sources are generated from a seed
 (no files needed), paths are read with format detection (webdataset shards, HF ``save_to_disk``
-folders, image folders), with bad samples skipped and counted.
+folders, image folders), with bad samples skipped and counted. ``samples_tensor`` also returns
+the captions and keys (e.g. for ``data.extract_codes``).
 """
 
 from __future__ import annotations
+
+import itertools
+import logging
 
 import numpy as np
 import torch
@@ -13,35 +17,50 @@ import torch
 from data.skips import SkipCounter
 
 EMBEDDED = ("shapes", "digits", "photos")
+LOGGER = logging.getLogger("data")
+
+
+def samples_tensor(
+    source: str, num: int, resolution: int, seed: int = 0, split: str = "train"
+) -> tuple[torch.Tensor, list[str], list[str], SkipCounter]:
+    """uint8 images (N, 3, R, R), their captions and keys, and the skip counts of ``source``.
+
+    Embedded sources yield exactly ``num`` samples (``split`` selects held-out digits/photos and the
+    shapes stream). A path yields up to ``num`` samples, resized/cropped to ``resolution`` (a no-op
+    for data built at that resolution).
+    """
+    if num < 1:
+        raise ValueError(f"num must be ≥ 1, got {num}")
+    from data.images import resize_center_crop
+
+    counter = SkipCounter()
+    if source in EMBEDDED:
+        from data.build import iter_dataset
+
+        samples, resample = iter_dataset(source, num, resolution, seed, split, counter), "nearest"
+    else:
+        from data.readers import open_samples
+
+        samples, resample = itertools.islice(open_samples(source, skip_counter=counter), num), "bicubic"
+    arrays: list[np.ndarray] = []
+    captions: list[str] = []
+    keys: list[str] = []
+    for sample in samples:
+        arrays.append(np.asarray(resize_center_crop(sample.image, resolution, resample), dtype=np.uint8))
+        captions.append(sample.caption)
+        keys.append(sample.key)
+    if source not in EMBEDDED:
+        counter.log_summary(LOGGER)
+    if not arrays:
+        raise ValueError(f"no readable images in {source} ({counter.summary()})")
+    # (N, H, W, 3) → (N, 3, H, W)
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return pixels, captions, keys, counter
 
 
 def images_tensor(
     source: str, num: int, resolution: int, seed: int = 0, split: str = "train"
 ) -> tuple[torch.Tensor, SkipCounter]:
-    """uint8 images (N, 3, R, R) from ``source``.
-
-    Embedded sources yield exactly ``num`` images (``split`` selects held-out digits/photos and the
-    shapes stream). A path yields up to ``num`` images, resized/cropped to ``resolution`` (a no-op
-    for data built at that resolution).
-    """
-    if num < 1:
-        raise ValueError(f"num must be ≥ 1, got {num}")
-    counter = SkipCounter()
-    if source in EMBEDDED:
-        from data.build import iter_dataset
-        from data.images import resize_center_crop
-
-        arrays = [
-            np.asarray(resize_center_crop(s.image, resolution, "nearest"), dtype=np.uint8)
-            for s in iter_dataset(source, num, resolution, seed, split, counter)
-        ]
-        pixels = (
-            torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-        )  # (N, H, W, 3) → (N, 3, H, W)
-        return pixels, counter
-    from data.torch_dataset import load_images_tensor
-
-    pixels, _captions, counter = load_images_tensor(source, resolution, max_samples=num, resample="bicubic")
-    if len(pixels) == 0:
-        raise ValueError(f"no readable images in {source} ({counter.summary()})")
+    """uint8 images (N, 3, R, R) from ``source`` (see ``samples_tensor``)."""
+    pixels, _captions, _keys, counter = samples_tensor(source, num, resolution, seed, split)
     return pixels, counter

@@ -7,6 +7,7 @@ Auto classes.
 from tokenizers_mm.bottleneck_output import BottleneckOutput
 from tokenizers_mm.continuous import ContinuousBottleneck
 from tokenizers_mm.fsq import FSQ
+from tokenizers_mm.identity import tokenizer_identity
 from tokenizers_mm.modeling import ImageTokenizer, ImageTokenizerConfig, ImageTokenizerOutput
 from tokenizers_mm.patches import RawPatches, patchify, unpatchify
 from tokenizers_mm.presets import PRESETS, build_tokenizer, preset_config
@@ -25,5 +26,6 @@ __all__ = [
     "build_tokenizer",
     "patchify",
     "preset_config",
+    "tokenizer_identity",
     "unpatchify",
 ]
