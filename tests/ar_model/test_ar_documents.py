@@ -46,7 +46,13 @@ def test_ranks_split_an_epoch_without_overlap(text_tokenizer, captions):
     ranks = [_batches(corpus, rank=r, world=2) for r in range(2)]
     per_epoch = ranks[0].batches_per_epoch
     assert per_epoch == ranks[1].batches_per_epoch >= 1
-    seen = [(spec.sample, spec.task) for r in ranks for m in range(per_epoch) for row in r.specs(m) for spec in row]
+    seen = [
+        (spec.sample, spec.task)
+        for r in ranks
+        for m in range(per_epoch)
+        for row in r.specs(m)
+        for spec in row
+    ]
     assert len(seen) == len(set(seen))  # no document twice in an epoch
     # the next epoch reshuffles
     assert ranks[0].specs(per_epoch) != ranks[0].specs(0)
