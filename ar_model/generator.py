@@ -71,11 +71,17 @@ class MMGenerator:
         self.image_tokenizer.to(device)
         return self
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the decoder, the text tokenizer and the image tokenizer into one folder."""
+    def save(
+        self, path: str | os.PathLike, decoder_state_dict: dict[str, torch.Tensor] | None = None
+    ) -> Path:
+        """Write the decoder, the text tokenizer and the image tokenizer into one folder.
+
+        ``decoder_state_dict`` replaces the decoder's own weights (the gathered full state dict of a
+        sharded FSDP model).
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.decoder.save_pretrained(path, safe_serialization=True)
+        self.decoder.save_pretrained(path, state_dict=decoder_state_dict, safe_serialization=True)
         self.text_tokenizer.save(path / TEXT_TOKENIZER_FILE)
         self.image_tokenizer.save_pretrained(path / IMAGE_TOKENIZER_DIR, safe_serialization=True)
         return path

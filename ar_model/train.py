@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -250,7 +250,9 @@ def sample_prompts(n: int, seed: int = 0) -> list[str]:
     return [by_cat[i % len(by_cat)][i // len(by_cat)][0] for i in range(n)]
 
 
-def sample_grid(gen: MMGenerator, prompts: list[str], cfg: TrainConfig, path: Path) -> None:
+def sample_grid(
+    gen: MMGenerator, prompts: list[str], cfg: TrainConfig, path: Path, write: bool = True
+) -> None:
     from PIL import Image
 
     from data.images import make_grid
@@ -262,6 +264,8 @@ def sample_grid(gen: MMGenerator, prompts: list[str], cfg: TrainConfig, path: Pa
         Image.fromarray(im.permute(1, 2, 0).cpu().numpy()).resize((im.shape[-1] * 4, im.shape[-2] * 4), 0)
         for im in images
     ]  # (3, H, W) -> (H, W, 3), upscaled ×4 (nearest) to be visible
+    if not write:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid(pils, nrow=int(math.ceil(math.sqrt(len(pils))))).save(path)
 
@@ -303,7 +307,8 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         **batch_args,
     )
     val_batches: list[TokenBatch] = []
-    if is_main and folders["val"]:
+    collective = accelerator.distributed_type == DistributedType.FSDP
+    if (is_main or collective) and folders["val"]:
         val_codes, val_captions = _load_all(folders["val"], image_tokenizer)
         val_corpus = CodesCorpus(val_codes, val_captions, text_tok, cfg.max_len)
         val_batches = eval_batches(
@@ -332,6 +337,11 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         num_training_steps=cfg.max_steps * world,
         min_lr_rate=cfg.min_lr_ratio,
     )
+    # FSDP shards the weights: every rank must join each forward (validation and sampling too), the
+    # final weights are gathered with get_state_dict, and an EMA copy would need sharding of its own.
+    collective = accelerator.distributed_type == DistributedType.FSDP
+    if collective and cfg.ema_decay > 0:
+        raise ValueError("ema_decay > 0 is not supported with FSDP; use DDP or a single device for EMA")
     ema = None
     if cfg.ema_decay > 0:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
@@ -414,17 +424,19 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             t_window, tok_window = now, 0
             log("log.jsonl", record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and is_main and val_batches:
+        busy = (is_main or collective) and step < cfg.max_steps
+        if busy and cfg.eval_every and step % cfg.eval_every == 0 and val_batches:
             m = eval_model().eval()
             record = {"step": step, **validation_loss(m, val_batches, device)}
-            log("val_log.jsonl", record)
+            if is_main:
+                log("val_log.jsonl", record)
             accelerator.print(
                 f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step")
             )
             model.train()
-        if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps and is_main and prompts:
+        if busy and cfg.sample_every and step % cfg.sample_every == 0 and prompts:
             gen = MMGenerator(eval_model(), text_tok, image_tokenizer)
-            sample_grid(gen, prompts, cfg, out_dir / "samples" / f"step-{step:06d}.png")
+            sample_grid(gen, prompts, cfg, out_dir / "samples" / f"step-{step:06d}.png", write=is_main)
             model.train()
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             extras = {"ema": {k: v.detach().clone() for k, v in ema.state_dict().items()}} if ema else None
@@ -441,15 +453,18 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     # ---- final folder and metrics
     accelerator.wait_for_everyone()
     # Replicas must hold identical weights after DDP training; record every rank's digest to prove it.
-    digests = gather_object([param_digest(accelerator.unwrap_model(model))])
-    if len(set(digests)) != 1:
+    # (FSDP shards differ by design; their full weights are gathered instead.)
+    digests = [] if collective else gather_object([param_digest(accelerator.unwrap_model(model))])
+    if len(set(digests)) > 1:
         accelerator.print(f"WARNING: parameters differ across processes: {digests}")
+    full_state = accelerator.get_state_dict(model) if collective else None
+    val_metrics = validation_loss(eval_model().eval(), val_batches, device) if val_batches else {}
     metrics: dict[str, Any] = {}
     if is_main:
         final_model = eval_model().eval()
         gen = MMGenerator(final_model, text_tok, image_tokenizer)
         metrics = {
-            **(validation_loss(final_model, val_batches, device) if val_batches else {}),
+            **val_metrics,
             "steps": step,
             "train_time_s": round(train_time, 1),
             "tokens_seen": tokens_seen,
@@ -463,7 +478,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             "num_processes": world,
             "rank_param_digests": digests,
         }
-        atomic_save_dir(out_dir / "final", gen.save)
+        atomic_save_dir(out_dir / "final", lambda d: gen.save(d, decoder_state_dict=full_state))
         atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
         if prompts:
             sample_grid(gen, prompts, cfg, out_dir / "samples" / "final.png")
