@@ -115,7 +115,7 @@ class MMGenerator:
         *,
         height: int | None = None,
         width: int | None = None,
-        guidance_scale: float = 3.0,
+        guidance_scale: float = 1.5,
         cfg_schedule: str = "constant",
         temperature: float = 1.0,
         top_k: int | None = None,

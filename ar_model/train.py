@@ -96,7 +96,7 @@ class TrainConfig:
     eval_every: int = 250  # validation loss every N steps (0: only at the end)
     sample_every: int = 0  # sample grid PNG every N steps (0: only at the end)
     num_sample_prompts: int = 16
-    guidance_scale: float = 3.0  # for the sample grids
+    guidance_scale: float = 1.5  # for the sample grids (1.5 beat 1, 2, 3 and 5 on the shipped CPU model)
     temperature: float = 1.0
     top_k: int = 0  # 0 disables top-k
     log_every: int = 25

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--num_processes", type=int, default=2)
     p.add_argument("--ablation", action="store_true", help="train once per RoPE scheme, equal steps")
     p.add_argument("--max_steps", type=int, default=None)
-    p.add_argument("--guidance_scale", type=float, nargs="+", default=[3.0])
+    p.add_argument("--guidance_scale", type=float, nargs="+", default=[1.5])
     p.add_argument("--temperature", type=float, nargs="+", default=[1.0])
     p.add_argument("--top_k", type=int, nargs="+", default=[0])
     p.add_argument("--n_per_category", type=int, default=100)
