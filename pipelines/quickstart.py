@@ -6,17 +6,24 @@ skipped on the next run; ``--fresh`` starts over):
 1. build the shapes + digits training data as webdataset shards;
 2. train the FSQ tokenizer on them;
 3. evaluate it on held-out shapes, digits and real photos;
-4. write ``DIR/report/report.md`` with metrics, reconstruction grids and loss curves.
+4. train the decoder on packed caption→image and image→caption documents (codes extracted by the
+   frozen tokenizer), as ``accelerate launch`` with two single-threaded processes on CPU;
+5. judge its text-to-image samples per category, classify its digits, score its captions;
+6. write ``DIR/report/report.md`` with metrics, grids and loss curves.
 
-Stage 2 and 3 (decoder, pipelines) extend this same command as they land.
+``DIR/model`` is the trained folder (decoder + text tokenizer + image tokenizer,
+:class:`ar_model.generator.MMGenerator`). The pipelines of Stage 3 will load the same folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
+import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +44,13 @@ class QuickstartPreset:
     tokenizer_config: str  # a YAML file in tokenizers_mm/configs
     tokenizer_steps: int | None  # None: the config's max_steps
     eval_num: int
+    decoder_config: str = "shapes_cpu.yaml"  # a YAML file in ar_model/configs
+    decoder_steps: int | None = None  # None: the config's max_steps
+    decoder_processes: int = 2  # DDP processes (one thread each)
+    decoder_overrides: tuple[str, ...] = ()  # extra --key value for ar_model.train
+    n_per_category: int = 100  # text-to-image prompts judged per shapes category
+    n_digits: int = 20  # prompts per digit
+    n_captions: int = 100  # held-out images captioned per dataset
 
 
 PRESETS: dict[str, QuickstartPreset] = {
@@ -44,14 +58,54 @@ PRESETS: dict[str, QuickstartPreset] = {
         shapes_num=20000, digits_num=4000, tokenizer_config="fsq_8x8.yaml", tokenizer_steps=None, eval_num=512
     ),
     "demo": QuickstartPreset(
-        shapes_num=4000, digits_num=1000, tokenizer_config="fsq_8x8.yaml", tokenizer_steps=200, eval_num=128
+        shapes_num=4000,
+        digits_num=1000,
+        tokenizer_config="fsq_8x8.yaml",
+        tokenizer_steps=200,
+        eval_num=128,
+        decoder_steps=150,
+        n_per_category=20,
+        n_digits=5,
+        n_captions=20,
     ),
     # CI smoke test: seconds, proves every step and report section is produced.
     "smoke": QuickstartPreset(
-        shapes_num=256, digits_num=64, tokenizer_config="fsq_8x8.yaml", tokenizer_steps=4, eval_num=16
+        shapes_num=256,
+        digits_num=64,
+        tokenizer_config="fsq_8x8.yaml",
+        tokenizer_steps=4,
+        eval_num=16,
+        decoder_steps=3,
+        decoder_processes=1,
+        decoder_overrides=(
+            "--model.hidden_size",
+            "32",
+            "--model.num_layers",
+            "1",
+            "--max_len",
+            "256",
+            "--tokens_per_batch",
+            "512",
+            "--val_num",
+            "8",
+            "--eval_every",
+            "0",
+            "--sample_every",
+            "0",
+            "--save_every",
+            "0",
+            "--warmup_steps",
+            "1",
+            "--num_sample_prompts",
+            "2",
+        ),  # fmt: skip
+        n_per_category=2,
+        n_digits=1,
+        n_captions=2,
     ),
 }
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "tokenizers_mm" / "configs"
+DECODER_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ar_model" / "configs"
 
 
 def _done(marker: Path) -> bool:
@@ -74,7 +128,7 @@ def step_data(out: Path, preset: QuickstartPreset) -> dict[str, Path]:
             build(dataset=name, num=num, resolution=32, format="webdataset", out=paths[name], seed=0)
         _mark(marker, {k: str(v) for k, v in paths.items()})
     else:
-        print("[1/4] data: done, skipping")
+        print("[1/6] data: done, skipping")
     return paths
 
 
@@ -87,7 +141,7 @@ def step_tokenizer(
     run = out / "tokenizer"
     marker = run / "DONE"
     if _done(marker):
-        print("[2/4] tokenizer: done, skipping")
+        print("[2/6] tokenizer: done, skipping")
         return run / "final"
     cfg = load_config(
         TrainConfig,
@@ -115,7 +169,7 @@ def step_evaluate(out: Path, preset: QuickstartPreset, tokenizer_dir: Path) -> d
 
     marker = out / "eval" / "tokenizer_metrics.json"
     if _done(marker):
-        print("[3/4] evaluate: done, skipping")
+        print("[3/6] evaluate: done, skipping")
         return json.loads(marker.read_text())
     model = ImageTokenizer.from_pretrained(tokenizer_dir)
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -128,8 +182,146 @@ def step_evaluate(out: Path, preset: QuickstartPreset, tokenizer_dir: Path) -> d
     return results
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def step_decoder(
+    out: Path, preset: QuickstartPreset, data_paths: dict[str, Path], tokenizer_dir: Path
+) -> Path:
+    """Train the decoder with ``accelerate launch`` (resumable: ``--resume true`` continues a killed run)."""
+    run = out / "decoder"
+    marker = run / "DONE"
+    if _done(marker):
+        print("[4/6] decoder: done, skipping")
+        return run / "final"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+    ]
+    cmd += ["--dynamo_backend", "no", "--num_processes", str(preset.decoder_processes)]
+    if preset.decoder_processes > 1:
+        env.setdefault("ACCELERATE_USE_CPU", "0" if torch.cuda.is_available() else "1")
+        cmd += ["--multi_gpu", "--main_process_port", str(_free_port())]
+    cmd += [
+        "-m", "ar_model.train", "--config", str(DECODER_CONFIG_DIR / preset.decoder_config),
+        "--tokenizer", str(tokenizer_dir), "--output_dir", str(run), "--resume", "true",
+        "--train_data", json.dumps([str(data_paths["shapes"]), str(data_paths["digits"])]),
+        "--val_data", json.dumps(["shapes", "digits"]),
+        *(["--max_steps", str(preset.decoder_steps)] if preset.decoder_steps else []),
+        *preset.decoder_overrides,
+    ]  # fmt: skip
+    print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
+    subprocess.run(cmd, env=env, check=True)
+    _mark(marker, {"final": str(run / "final")})
+    return run / "final"
+
+
+def step_evaluate_decoder(out: Path, preset: QuickstartPreset, model_dir: Path) -> dict[str, Any]:
+    from ar_model.evaluate import (
+        evaluate_captions,
+        evaluate_digits,
+        evaluate_text_to_image,
+        metrics_dict,
+        sample_grids,
+    )
+    from ar_model.generator import MMGenerator
+
+    marker = out / "eval" / "decoder_metrics.json"
+    if _done(marker):
+        print("[5/6] judge: done, skipping")
+        return json.loads(marker.read_text())
+    gen = MMGenerator.load(model_dir)
+    t2i = evaluate_text_to_image(gen, n_per_category=preset.n_per_category)
+    digits = evaluate_digits(gen, n_per_digit=preset.n_digits)
+    captions = evaluate_captions(gen, n=preset.n_captions)
+    metrics = metrics_dict(t2i, digits, captions)
+    metrics["sampling"] = {"guidance_scale": 1.5, "temperature": 1.0}
+    grids = {}
+    for result in (t2i, digits, captions):
+        grids.update({k: v.name for k, v in sample_grids(result, out / "eval" / "grids").items()})
+    metrics["grids"] = grids
+    _mark(marker, metrics)
+    return metrics
+
+
+def _decoder_section(out: Path, rep: Path, metrics: dict[str, Any]) -> list[str]:
+    from pipelines.report import markdown_table, plot_curves, read_log
+
+    grids = out / "eval" / "grids"
+    for png in grids.glob("*.png"):
+        shutil.copy(png, rep / png.name)
+    log = read_log(out / "decoder" / "log.jsonl")
+    val = read_log(out / "decoder" / "val_log.jsonl")
+    if log:
+        plot_curves(log, ["loss"], rep / "decoder_loss.png", "decoder training")
+    if val:
+        plot_curves(
+            val, ["val_loss", "val_image_loss", "val_caption_loss"], rep / "decoder_val.png", "validation"
+        )
+    train = json.loads((out / "decoder" / "metrics.json").read_text())
+    t2i = metrics["text_to_image"]
+    targets = metrics["targets"]
+    rows = [
+        {
+            "metric": k,
+            "score": v,
+            "target": targets.get(k, {}).get("target", ""),
+            "met": targets.get(k, {}).get("met", ""),
+        }
+        for k, v in {**t2i, "digits": metrics["digits"]["accuracy"]}.items()
+    ]
+    cap = metrics["captions"]
+    md = [
+        "## Stage 2: decoder",
+        "",
+        f"{train['params'] / 1e6:.2f}M parameters, `{train['rope_scheme']}`, {train['steps']} steps in "
+        f"{train['train_time_s']:.0f} s ({train['tokens_per_s']:.0f} tokens/s, {train['num_processes']} "
+        f"processes); validation loss {train.get('val_loss', float('nan')):.3f} (image codes "
+        f"{train.get('val_image_loss', float('nan')):.3f}, "
+        f"captions {train.get('val_caption_loss', float('nan')):.3f}).",
+        "",
+        f"### Text-to-image, judged (CFG {metrics['sampling']['guidance_scale']}, temperature "
+        f"{metrics['sampling']['temperature']})",
+        "",
+        markdown_table(rows, ["metric", "score", "target", "met"]),
+        "",
+        *[
+            f"**{name[4:-4]}**\n\n![{name}]({name})\n"
+            for name in sorted(metrics["grids"])
+            if name.startswith("t2i_")
+        ],
+        "**digits** (one row per digit)\n\n![digits](digits.png)\n",
+        "### Captioning held-out images",
+        "",
+        f"Shapes: {cap['shapes_accuracy']:.0%} of captions true of the image (judge), "
+        f"{cap['shapes_parse_rate']:.0%} parsed; digits: {cap['digits_accuracy']:.0%} name the right digit.",
+        "",
+        "![captions shapes](captions_shapes.png)\n\n![captions digits](captions_digits.png)\n",
+        "### Decoder training curves",
+        "",
+        "![decoder loss](decoder_loss.png)" if log else "(no log rows)",
+        "",
+        "![validation](decoder_val.png)" if val else "",
+        "",
+    ]
+    return md
+
+
 def step_report(
-    out: Path, args: argparse.Namespace, metrics: dict[str, dict[str, Any]], argv: list[str]
+    out: Path,
+    args: argparse.Namespace,
+    metrics: dict[str, dict[str, Any]],
+    argv: list[str],
+    decoder_metrics: dict[str, Any],
 ) -> Path:
     from pipelines.report import markdown_table, plot_curves, read_log
 
@@ -164,10 +356,19 @@ def step_report(
         "",
         "![tokenizer loss](tokenizer_loss.png)" if log else "(no log rows)",
         "",
+        *_decoder_section(out, rep, decoder_metrics),
         "## Config",
+        "",
+        "Tokenizer:",
         "",
         "```json",
         json.dumps(train_cfg, indent=2),
+        "```",
+        "",
+        "Decoder:",
+        "",
+        "```json",
+        (out / "decoder" / "train_config.json").read_text(),
         "```",
         "",
     ]
@@ -193,17 +394,26 @@ def main(argv: list[str] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     preset = PRESETS[args.preset]
     t0 = time.time()
-    print(f"[1/4] data → {out / 'data'}")
+    print(f"[1/6] data → {out / 'data'}")
     data_paths = step_data(out, preset)
-    print(f"[2/4] tokenizer → {out / 'tokenizer'}")
+    print(f"[2/6] tokenizer → {out / 'tokenizer'}")
     tok = step_tokenizer(out, preset, data_paths, tokenizer_overrides)
-    print("[3/4] evaluate")
+    print("[3/6] evaluate tokenizer")
     metrics = step_evaluate(out, preset, tok)
-    print("[4/4] report")
-    report = step_report(out, args, metrics, argv)
+    print(f"[4/6] decoder → {out / 'decoder'}")
+    decoder = step_decoder(out, preset, data_paths, tok)
+    model = out / "model"
+    if not (model / "config.json").is_file():
+        from tokenizers_mm.checkpoints import atomic_save_dir
+
+        atomic_save_dir(model, lambda d: shutil.copytree(decoder, d, dirs_exist_ok=True))
+    print("[5/6] judge text-to-image, digits and captions")
+    decoder_metrics = step_evaluate_decoder(out, preset, model)
+    print("[6/6] report")
+    report = step_report(out, args, metrics, argv, decoder_metrics)
     print(f"done in {time.time() - t0:.0f} s")
-    print(f"tokenizer: {tok}")
-    print(f"report:    {report}")
+    print(f"model:  {model}")
+    print(f"report: {report}")
     return report
 
 

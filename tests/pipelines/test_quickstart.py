@@ -19,9 +19,21 @@ def test_quickstart_smoke_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert (out / "tokenizer" / "final" / "model.safetensors").is_file()
     metrics = json.loads((out / "eval" / "tokenizer_metrics.json").read_text())
     assert set(metrics) == {"shapes", "digits", "photos"} and all("psnr" in m for m in metrics.values())
+    # Stage 2: a trained decoder folder, judged samples, and its report section
+    for section in ("## Stage 2: decoder", "### Text-to-image, judged", "### Captioning held-out images"):
+        assert section in text
+    for name in ("t2i_single.png", "digits.png", "captions_shapes.png", "decoder_loss.png"):
+        assert (out / "report" / name).is_file(), name
+    decoder = json.loads((out / "eval" / "decoder_metrics.json").read_text())
+    assert set(decoder["text_to_image"]) >= {"single", "two_objects", "position", "count", "overall"}
+    from ar_model.generator import MMGenerator
+
+    gen = MMGenerator.load(out / "model")
+    assert gen.text_to_image(["a red circle"]).shape == (1, 3, 32, 32)
     last = capsys.readouterr().out.strip().splitlines()[-2:]
-    assert last[0].startswith("tokenizer:") and last[1].startswith("report:")
+    assert last[0].startswith("model:") and last[1].startswith("report:")
 
     main(["--out", str(out), "--preset", "smoke"])
     second = capsys.readouterr().out
-    assert "data: done, skipping" in second and "tokenizer: done, skipping" in second
+    for step in ("data", "tokenizer", "decoder", "judge"):
+        assert f"{step}: done, skipping" in second
