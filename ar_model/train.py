@@ -69,6 +69,9 @@ class TrainConfig:
     # embedded sources (shapes|digits) and/or dataset paths, encoded by the tokenizer at startup
     train_data: list[str] = field(default_factory=lambda: ["shapes"])
     train_num: int = 20000  # samples per source (a path is read up to this many)
+    train_nums: list[int] = field(
+        default_factory=list
+    )  # per-source counts instead (same order as train_data)
     codes_data: list[str] = field(default_factory=list)  # folders written by python -m data.extract_codes
     val_data: list[str] = field(default_factory=lambda: ["shapes"])  # held-out sources (split "test")
     val_num: int = 256  # samples per validation source
@@ -111,6 +114,11 @@ class TrainConfig:
             raise ValueError("--tokenizer DIR (a trained Stage-1 image tokenizer folder) is required")
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {list(PRESETS)}, got {self.preset!r}")
+        if self.train_nums and (len(self.train_nums) != len(self.train_data) or min(self.train_nums) < 1):
+            raise ValueError(
+                f"train_nums must give a count ≥ 1 for each of the {len(self.train_data)} train_data "
+                f"sources, got {self.train_nums}"
+            )
         if not self.train_data and not self.codes_data:
             raise ValueError("give train_data (sources to encode) and/or codes_data (pre-extracted codes)")
         for name in ("grad_accum", "max_steps", "resolution", "train_num", "val_num", "log_every", "max_len"):
@@ -147,11 +155,12 @@ def _codes_folders(accelerator: Accelerator, cfg: TrainConfig, tokenizer_dir: st
     from data.extract_codes import extract_codes
 
     folders: dict[str, list[Path]] = {"train": [Path(p) for p in cfg.codes_data], "val": []}
-    jobs = [("train", i, s, cfg.train_num, cfg.seed) for i, s in enumerate(cfg.train_data)]
+    nums = cfg.train_nums or [cfg.train_num] * len(cfg.train_data)
+    jobs = [("train", i, s, n, cfg.seed) for i, (s, n) in enumerate(zip(cfg.train_data, nums))]
     jobs += [("val", i, s, cfg.val_num, cfg.val_seed) for i, s in enumerate(cfg.val_data)]
     for split, i, source, num, seed in jobs:
         folder = out_dir / "codes" / f"{split}-{i}"
-        if accelerator.is_main_process and not (folder / "codes_meta.json").is_file():
+        if accelerator.is_main_process and not _cached_codes_match(folder, source, num, cfg.resolution, seed):
             extract_codes(
                 tokenizer=tokenizer_dir,
                 dataset=source,
@@ -167,6 +176,18 @@ def _codes_folders(accelerator: Accelerator, cfg: TrainConfig, tokenizer_dir: st
         folders[split].append(folder)
     accelerator.wait_for_everyone()
     return folders
+
+
+def _cached_codes_match(folder: Path, source: str, num: int, resolution: int, seed: int) -> bool:
+    """Whether ``folder`` holds codes of exactly this request (the tokenizer is checked at load)."""
+    from data.codes import read_codes_meta
+
+    if not (folder / "codes_meta.json").is_file():
+        return False
+    extra = read_codes_meta(folder).get("extra_meta", {})
+    wanted = {"requested": num, "resolution": resolution, "seed": seed}
+    same_source = extra.get("source") in (source, str(Path(source).resolve()))
+    return same_source and all(extra.get(k) == v for k, v in wanted.items())
 
 
 def _load_all(folders: list[Path], tokenizer: ImageTokenizer) -> tuple[torch.Tensor, list[str]]:

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     schemes = SCHEMES if args.ablation else (None,)
     results = []
     for scheme in schemes:
-        name = f"rope_{scheme}" if scheme else "target"
+        name = scheme or "target"
         overrides = list(args.extra) + (QUICK if args.quick else [])
         if scheme:
             overrides += ["--model.rope_scheme", scheme]

@@ -92,6 +92,17 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tokenizer_dir):
         assert torch.equal(full[k], resumed[k]), k
 
 
+def test_cached_codes_are_reextracted_when_the_request_changes(tmp_path, tokenizer_dir):
+    from data.codes import load_codes
+
+    kw = dict(max_steps=1, train_data=["shapes", "digits"], val_data=[], num_sample_prompts=0)
+    main(_cfg(tmp_path, tokenizer_dir, train_nums=[64, 32], **kw))
+    codes = tmp_path / "run" / "codes"
+    assert [len(load_codes(codes / f"train-{i}")) for i in (0, 1)] == [64, 32]
+    main(_cfg(tmp_path, tokenizer_dir, train_nums=[64, 48], **kw))
+    assert [len(load_codes(codes / f"train-{i}")) for i in (0, 1)] == [64, 48]
+
+
 def test_codes_from_another_tokenizer_are_refused(tmp_path, tokenizer_dir):
     from data.codes import CodesMismatchError
     from data.extract_codes import extract_codes
@@ -111,6 +122,10 @@ def test_bad_arguments_fail_before_any_work(tmp_path, tokenizer_dir):
         parse_args(["--tokenizer", str(tokenizer_dir), "--no_such_key", "1"])
     with pytest.raises(SystemExit):
         parse_args(["--preset", "tiny"])  # no tokenizer
+    with pytest.raises(SystemExit):  # one count for two sources
+        parse_args(
+            ["--tokenizer", str(tokenizer_dir), "--train_data", "[shapes, digits]", "--train_nums", "[5]"]
+        )
     with pytest.raises(ValueError, match="raise max_len"):
         main(_cfg(tmp_path, tokenizer_dir, max_len=32, tokens_per_batch=64))
 
