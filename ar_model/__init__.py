@@ -3,6 +3,7 @@
 from ar_model.attention import KVCache
 from ar_model.config import ATTN_IMPLS, MMDecoderConfig, vocab_layout
 from ar_model.generation import generate_image_codes, generate_tokens, sample_logits
+from ar_model.generator import MMGenerator
 from ar_model.modeling import MMDecoderForCausalLM, MMDecoderModel
 from ar_model.packing import PackPlan, TokenBatch, build_packed_batch, build_padded_batch, pack_documents
 from ar_model.positions import document_positions, multimodal_positions
@@ -17,6 +18,7 @@ __all__ = [
     "MMDecoderConfig",
     "MMDecoderForCausalLM",
     "MMDecoderModel",
+    "MMGenerator",
     "PRESETS",
     "PackPlan",
     "Sequence",
