@@ -11,12 +11,22 @@ so a ``flat``/no-QK-norm decoder and a Llama share state dicts. Registered with 
 
 Labels are aligned with ``input_ids`` (``labels[t]`` is the target *at* position ``t``), as
 :func:`ar_model.sequence.build_sequence` and the packer produce them: the model does not shift them.
+
+Speed (issue 3, ``benchmarks/bench_decoder_train.py``): on CPU a step is mostly matmuls and attention,
+which are what they are; the rest is elementwise passes over activations. RMSNorm and RoPE have
+hand-written backward passes (about half of autograd's passes; RoPE runs on the projections' own layout
+with precomputed tables), and the LM head and the loss are one autograd function that needs a single
+softmax per logit (:class:`_LinearCrossEntropy`). For generation (``benchmarks/bench_generation.py``),
+where a step is a few dozen tiny ops, :meth:`MMDecoderModel.run_layers` can run the layers as plain
+function calls on their weights (:func:`lean_layer`). Tests pin all of it to ``LlamaForCausalLM``
+(logits, loss and every gradient) and to the module path.
 """
 
 from __future__ import annotations
 
 import math
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +38,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from ar_model.attention import AttentionPlan, KVCache, attend, plan_attention
 from ar_model.config import MMDecoderConfig
 from ar_model.packing import IGNORE_INDEX
-from ar_model.rope import apply_rope, rope_angles
+from ar_model.rope import rope_tables, rotate
 
 try:  # transformers >= 5: init functions that skip tensors a checkpoint already filled
     from transformers import initialization as init
@@ -39,8 +49,49 @@ except ImportError:  # pragma: no cover - transformers 4.x
 _checkpoint = partial(checkpoint, use_reentrant=False)
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with a hand-written backward: about half the elementwise passes of autograd's graph.
+
+    With ``x̂ = x · r``, ``r = 1 / sqrt(mean(x²) + eps)`` and ``y = w · x̂``:
+    ``dx = r · (g·w − x̂ · mean(g·w · x̂))`` and ``dw = Σ g · x̂`` over every leading dimension.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 -> fp32; fp32 / fp64 unchanged
+        rstd = torch.rsqrt(torch.linalg.vecdot(xf, xf, dim=-1).unsqueeze_(-1).div_(x.shape[-1]).add_(eps))
+        xhat = xf * rstd  # (..., c) in fp32 (or fp64)
+        ctx.save_for_backward(xhat, weight, rstd)
+        return weight * xhat.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        xhat, weight, rstd = ctx.saved_tensors
+        g = grad.to(xhat.dtype)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (g * xhat).flatten(0, -2).sum(0).to(weight.dtype)  # (c,)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            gw = g * weight.to(xhat.dtype)  # (..., c)
+            dot = torch.linalg.vecdot(gw, xhat, dim=-1).unsqueeze_(-1).div_(-xhat.shape[-1])  # (..., 1)
+            grad_x = gw.addcmul_(xhat, dot).mul_(rstd).to(grad.dtype)
+        return grad_x, grad_w, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / sqrt(mean(x²) + eps) * weight`` over the last dimension (Zhang & Sennrich 2019,
+    arXiv:1910.07467), normalised in fp32 and cast back before the weight, as transformers' Llama."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _RMSNormFunction.apply(x, weight, eps)
+    # Inference (generation runs this twice per layer and token): one call, no autograd bookkeeping.
+    if x.dtype == weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
-    """``x / sqrt(mean(x²) + eps) * weight`` (Zhang & Sennrich 2019, arXiv:1910.07467), computed in fp32."""
+    """:func:`rms_norm` with a learned weight (ones at init)."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -48,10 +99,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -97,19 +145,39 @@ class Attention(nn.Module):
         plan: AttentionPlan,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """``x (b, n, c)``, ``cos/sin (b, n, d)`` → ``(b, n, c)``; legend: h heads, d head_dim, m keys."""
+        """``x (b, n, c)`` and RoPE tables ``cos/sin (b, n, 1, d)`` (from ``rope_tables``) → ``(b, n, c)``.
+
+        Legend: h heads, h_kv key/value heads, d head_dim, m keys. RoPE and QK-norm work on the
+        projections' own ``(b, n, h, d)`` layout; attention gets ``(b, h, n, d)`` views of it (no copies).
+        """
         b, n, _ = x.shape
         d = self.head_dim
-        q = self.q_proj(x).view(b, n, self.num_heads, d).transpose(1, 2)  # (b, n, h*d) -> (b, h, n, d)
-        k = self.k_proj(x).view(b, n, self.num_kv_heads, d).transpose(1, 2)  # (b, h_kv, n, d)
-        v = self.v_proj(x).view(b, n, self.num_kv_heads, d).transpose(1, 2)  # (b, h_kv, n, d)
+        q = self.q_proj(x).view(b, n, self.num_heads, d)  # (b, n, h*d) -> (b, n, h, d)
+        k = self.k_proj(x).view(b, n, self.num_kv_heads, d)  # (b, n, h_kv, d)
+        v = self.v_proj(x).view(b, n, self.num_kv_heads, d)  # (b, n, h_kv, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (b, h_kv, m, d), m = cached + n
-        out = attend(q, k, v, plan)  # (b, h, n, d)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * d))  # (b, n, h*d) -> (b, n, c)
+        return self.o_proj(_rope_attention(q, k, v, cos, sin, plan, cache, self.layer_idx))
+
+
+def _rope_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    plan: AttentionPlan,
+    cache: KVCache | None,
+    layer_idx: int,
+) -> torch.Tensor:
+    """RoPE on ``q (b, n, h, d)`` and ``k, v (b, n, h_kv, d)``, the KV cache, attention → ``(b, n, h*d)``."""
+    b, n, h, d = q.shape
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, h or h_kv, n, d) views
+    if cache is not None:
+        k, v = cache.update(layer_idx, k, v)  # (b, h_kv, m, d), m = cached + n
+    out = attend(q, k, v, plan)  # (b, h, n, d)
+    return out.transpose(1, 2).reshape(b, n, h * d)  # (b, n, h*d)
 
 
 class DecoderLayer(nn.Module):
@@ -132,6 +200,79 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def plain_weights(self) -> LayerWeights | None:
+        """This layer's weights for :func:`lean_layer`, or None if a submodule is wrapped or hooked."""
+        attn, mlp = self.self_attn, self.mlp
+        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj]
+        linears.append(mlp.down_proj)
+        norms = [self.input_layernorm, self.post_attention_layernorm]
+        if attn.q_norm is not None:
+            norms += [attn.q_norm, attn.k_norm]
+        plain = (
+            type(attn) is Attention
+            and type(mlp) is SwiGLU
+            and all(type(m) is nn.Linear and m.bias is None for m in linears)
+            and all(type(m) is RMSNorm for m in norms)
+            and all(_unhooked(m) for m in [self, attn, mlp, *linears, *norms])
+        )
+        if not plain:
+            return None
+        q, k, v, o, gate, up, down = (m.weight for m in linears)
+        qn, kn = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (None, None)
+        norm1, norm2 = self.input_layernorm.weight, self.post_attention_layernorm.weight
+        eps = self.input_layernorm.eps
+        return LayerWeights(norm1, q, k, v, o, qn, kn, norm2, gate, up, down, eps, attn.layer_idx)
+
+
+class LayerWeights(NamedTuple):
+    """One decoder layer's tensors, for :func:`lean_layer`."""
+
+    norm1: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    norm2: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    eps: float
+    layer_idx: int
+
+
+def lean_layer(
+    x: torch.Tensor,
+    w: LayerWeights,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    plan: AttentionPlan,
+    cache: KVCache | None,
+) -> torch.Tensor:
+    """:class:`DecoderLayer` as plain function calls on its weights (the same ops, in the same order).
+
+    Generation runs this once per layer and token: a decoder step is a few dozen tiny ops, and going
+    through ~12 ``nn.Module`` calls per layer costs about 15% of a step on CPU. Only used when every
+    submodule is the plain, hook-free kind (:meth:`DecoderLayer.plain_weights`); tests compare it with
+    the module path.
+    """
+    b, n, _ = x.shape
+    d = cos.shape[-1]  # head_dim
+    y = rms_norm(x, w.norm1, w.eps)
+    q = F.linear(y, w.q).view(b, n, -1, d)  # (b, n, h, d)
+    k = F.linear(y, w.k).view(b, n, -1, d)  # (b, n, h_kv, d)
+    v = F.linear(y, w.v).view(b, n, -1, d)  # (b, n, h_kv, d)
+    if w.q_norm is not None:
+        q, k = rms_norm(q, w.q_norm, w.eps), rms_norm(k, w.k_norm, w.eps)
+    x = x + F.linear(_rope_attention(q, k, v, cos, sin, plan, cache, w.layer_idx), w.o)
+    y = rms_norm(x, w.norm2, w.eps)
+    return x + F.linear(F.silu(F.linear(y, w.gate)) * F.linear(y, w.up), w.down)
+
+
+def _unhooked(module: nn.Module) -> bool:
+    return not (module._forward_hooks or module._forward_pre_hooks)
 
 
 class MMDecoderPreTrainedModel(PreTrainedModel):
@@ -218,10 +359,6 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
         elif positions.shape != (b, n, 2):
             raise ValueError(f"positions must be (b, n, 2) = {(b, n, 2)}, got {tuple(positions.shape)}")
 
-        x = self.embed_tokens(input_ids)  # (b, n, c)
-        # RoPE angles once per forward in fp32, shared by all layers, cast once to the activations' dtype.
-        cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_base)  # each (b, n, d)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         plan = plan_attention(
             cfg.attn_impl,
             b,
@@ -233,16 +370,50 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
             past_len=past,
             cached=past_key_values is not None,
         )
+        # RoPE tables once per forward (angles in fp32, cast once), shared by all layers.
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_base, self.embed_tokens.weight.dtype)
+        hidden = self.run_layers(input_ids, cos, sin, plan, past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+
+    def plain_layer_weights(self) -> list[LayerWeights] | None:
+        """Every layer's :class:`LayerWeights` for ``run_layers(..., weights=)``, or None if a layer is
+        wrapped or hooked (adapters, hooks: then the modules must run)."""
+        weights = [layer.plain_weights() if _unhooked(layer) else None for layer in self.layers]
+        return None if any(w is None for w in weights) else weights
+
+    def run_layers(
+        self,
+        input_ids: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        plan: AttentionPlan,
+        cache: KVCache | None = None,
+        weights: list[LayerWeights] | None = None,
+    ) -> torch.Tensor:
+        """Normed hidden states ``(b, n, c)`` from checked inputs (internal: :meth:`forward` and generation).
+
+        ``cos/sin (b, n, 1, d)`` come from :func:`~ar_model.rope.rope_tables`, ``plan`` from
+        :func:`~ar_model.attention.plan_attention`; ``cache`` is written and advanced by ``n`` tokens.
+        Generation computes the tables of every position once, takes :meth:`plain_layer_weights`, and
+        calls this for each new token; with ``weights`` the layers run as :func:`lean_layer`.
+        """
+        x = self.embed_tokens(input_ids)  # (b, n, c)
+        if weights is not None:
+            for w in weights:
+                x = lean_layer(x, w, cos, sin, plan, cache)
+            if cache is not None:
+                cache.advance(input_ids.shape[1])
+            return self.norm(x)
         for layer in self.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled() and past_key_values is None:
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
                 # transformers' activation_checkpointing_enable() may install its own function (offload...).
                 ckpt = getattr(self, "_gradient_checkpointing_func", None) or _checkpoint
                 x = ckpt(layer, x, cos, sin, plan, None)
             else:
-                x = layer(x, cos, sin, plan, past_key_values)
-        if past_key_values is not None:
-            past_key_values.advance(n)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=past_key_values)
+                x = layer(x, cos, sin, plan, cache)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        return self.norm(x)
 
 
 class MMDecoderForCausalLM(MMDecoderPreTrainedModel):
@@ -298,14 +469,26 @@ class MMDecoderForCausalLM(MMDecoderPreTrainedModel):
         )
         hidden = out.last_hidden_state  # (b, n, c)
         if logits_to_keep > 0:
-            hidden = hidden[:, -logits_to_keep:]  # (b, k, c)
-        logits = self.lm_head(hidden)  # (b, n or k, V)
-        loss = None
-        if labels is not None:
-            if logits_to_keep > 0:
+            if labels is not None:
                 raise ValueError("labels need the logits of every position (logits_to_keep=0)")
-            loss = lm_loss(logits, labels)
+            hidden = hidden[:, -logits_to_keep:]  # (b, k, c)
+        loss = None
+        if labels is not None and self._plain_lm_head():
+            b, n, c = hidden.shape
+            logits, loss = _LinearCrossEntropy.apply(
+                hidden.reshape(b * n, c), self.lm_head.weight, labels.reshape(b * n)
+            )
+            logits = logits.view(b, n, -1)  # (b*n, V) -> (b, n, V)
+        else:
+            logits = self.lm_head(hidden)  # (b, n or k, V)
+            if labels is not None:
+                loss = lm_loss(logits, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+    def _plain_lm_head(self) -> bool:
+        """True when ``lm_head`` is a bare ``nn.Linear`` (no bias, no hooks, e.g. no adapter wrapping it)."""
+        head = self.lm_head
+        return type(head) is nn.Linear and head.bias is None and _unhooked(head)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -315,6 +498,90 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     total = F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     count = (targets != IGNORE_INDEX).sum().clamp(min=1)
     return total / count
+
+
+def _ce_chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk of :class:`_LinearCrossEntropy`: about 4 Mi logits (16 MB in fp32)."""
+    return max(1, (1 << 22) // vocab_size)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """``logits = hidden @ weight.T`` and :func:`lm_loss` of them, in row chunks, with one softmax per logit.
+
+    Same values as ``lm_head`` + :func:`lm_loss`. Autograd's cross-entropy runs a log-softmax forward
+    and another softmax pass in backward, after zero-filling an ``(N, V)`` gradient. Here each chunk of
+    logits goes through one softmax in forward, which gives the loss of its rows and is turned in place
+    into their gradient ``softmax − one_hot`` (zero for ignored labels), kept for backward; backward
+    only runs the head's two matmuls chunk by chunk and scales their outputs by ``grad / count``. This is
+    a fused linear cross-entropy as in Liger-Kernel (Hsu et al. 2024, arXiv:2410.10989), except that the
+    logits are kept (they are returned) instead of recomputed. A gradient flowing into the returned
+    logits themselves is added chunk by chunk. Memory: the ``(N, V)`` fp32 gradient lives from forward
+    to backward, as autograd's saved log-softmax would.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
+        # hidden (N, c), weight (V, c), labels (N,)
+        logits = hidden @ weight.t()  # (N, V); under autocast in its dtype (bf16)
+        valid = labels != IGNORE_INDEX  # (N,)
+        count = valid.sum().clamp(min=1)
+        targets = labels.masked_fill(~valid, 0)[:, None]  # (N, 1): any class for ignored rows (zeroed below)
+        ignored = (~valid).nonzero()[:, 0]  # (I,) rows without a label
+        total = logits.new_zeros((), dtype=torch.float32)
+        grads = []
+        step = _ce_chunk_rows(logits.shape[1])
+        for s in range(0, logits.shape[0], step):
+            x = logits[s : s + step].float()  # (k, V)
+            t = targets[s : s + step]  # (k, 1)
+            p = torch.softmax(x, dim=-1)  # (k, V)
+            # logsumexp = max x - log max p (max p >= 1/V cannot underflow, unlike p[target]).
+            lse = x.amax(dim=-1, keepdim=True) - torch.log(p.amax(dim=-1, keepdim=True))  # (k, 1)
+            nll = lse - x.gather(1, t)  # (k, 1)
+            total += (nll * valid[s : s + step, None]).sum()
+            p.scatter_add_(1, t, p.new_full(t.shape, -1.0))  # softmax - one_hot = d loss_row / d logits
+            rows = ignored[(ignored >= s) & (ignored < s + step)] - s
+            grads.append(p.index_fill_(0, rows, 0.0))  # rows without a label add nothing
+        ctx.save_for_backward(hidden, weight, count)
+        ctx.grads, ctx.dtype = grads, logits.dtype
+        ctx.set_materialize_grads(False)
+        return logits, total / count
+
+    @staticmethod
+    def backward(ctx, grad_logits: torch.Tensor | None, grad_loss: torch.Tensor | None):
+        hidden, weight, count = ctx.saved_tensors
+        if grad_logits is None and grad_loss is None:
+            return None, None, None
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype = ctx.dtype  # the matmul dtype of the forward (autocast may differ from the inputs')
+        w, h = weight.to(dtype), hidden.to(dtype)
+        # The loss term enters linearly: scale the (k, c) and (V, c) matmul outputs, not the (k, V) chunks.
+        scale = grad_loss.float() / count if grad_loss is not None else None
+        if grad_logits is not None and scale is not None:
+            scale_in, scale = scale, None  # mixed: scale each chunk before adding grad_logits
+        grad_h_parts, grad_w = [], None
+        s = 0
+        for chunk in ctx.grads:
+            e = s + chunk.shape[0]
+            if grad_logits is None:
+                g = chunk
+            elif grad_loss is None:
+                g = grad_logits[s:e]
+            else:
+                g = torch.addcmul(grad_logits[s:e].float(), chunk, scale_in)
+            g = g.to(dtype)
+            if need_h:
+                grad_h_parts.append(g @ w)  # (k, V) @ (V, c) -> (k, c)
+            if need_w:
+                part = g.t() @ h[s:e]  # (V, k) @ (k, c) -> (V, c)
+                grad_w = part if grad_w is None else grad_w.add_(part)
+            s = e
+        grad_h = grad_w_out = None
+        if need_h:
+            grad_h = torch.cat(grad_h_parts)  # (N, c)
+            grad_h = (grad_h * scale if scale is not None else grad_h).to(hidden.dtype)
+        if need_w:
+            grad_w_out = (grad_w.mul_(scale) if scale is not None else grad_w).to(weight.dtype)
+        return grad_h, grad_w_out, None
 
 
 AutoConfig.register(MMDecoderConfig.model_type, MMDecoderConfig)

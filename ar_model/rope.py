@@ -10,6 +10,12 @@ schemes differ only in positions.
 Pairing convention: half-split, as ``transformers``' Llama ``rotate_half``: pair ``k`` is the
 channels ``(k, k + d/2)``. Weights are therefore interchangeable with ``LlamaForCausalLM``.
 
+:func:`apply_rope` is the reference form (``(b, h, n, d)``, bit for bit transformers'). The decoder uses
+:func:`rope_tables` once per forward and :func:`rotate` per layer: the same rotation written as
+``x * cos + roll(x, d/2) * signed_sin`` with ``signed_sin = (-sin, sin)`` over the two halves, on the
+projections' own ``(b, n, h, d)`` layout. That is three elementwise passes instead of six
+(``rotate_half`` negates and concatenates), and its backward is the same rotation by ``-angle``.
+
 These are pure functions; a module that caches ``inv_freq`` or cos/sin must keep them as
 non-persistent buffers that can be *recomputed*: transformers 5.x builds models on the meta
 device inside ``from_pretrained`` and re-creates non-persistent buffers with ``torch.empty_like``
@@ -78,3 +84,48 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return (x * cos) + (rotate_half(x) * sin)
+
+
+def rope_tables(
+    positions: torch.Tensor, head_dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tables ``cos``, ``signed_sin`` ``(..., n, 1, d)`` for :func:`rotate` from positions ``(..., n, 2)``.
+
+    Angles come from :func:`rope_angles` (float32); ``signed_sin`` is ``sin`` with its first half negated,
+    so that ``rotate_half(x) * sin == roll(x, d/2) * signed_sin``. The singleton axis broadcasts over heads.
+    """
+    cos, sin = rope_angles(positions, head_dim, base)  # each (..., n, d), float32
+    half = head_dim // 2
+    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # (..., n, d)
+    return cos.to(dtype).unsqueeze(-2), signed_sin.to(dtype).unsqueeze(-2)  # each (..., n, 1, d)
+
+
+class _Rotate(torch.autograd.Function):
+    """:func:`rotate` with its backward written out: the rotation by ``-angle`` (3 passes, not 4)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, signed_sin)
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        # y = x*cos + P(x)*S with P the half swap (P = P^T) and P(S) = -S, so dx = g*cos - P(g)*S.
+        cos, signed_sin = ctx.saved_tensors
+        return (
+            torch.addcmul(grad * cos, grad.roll(grad.shape[-1] // 2, dims=-1), signed_sin, value=-1),
+            None,
+            None,
+        )
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of ``x`` ``(b, n, h, d)`` with the tables of :func:`rope_tables` ``(b, n, 1, d)``.
+
+    Equal to :func:`apply_rope` on ``x.transpose(1, 2)`` up to rounding (``addcmul`` may fuse the
+    multiply-add): ``roll(x, d/2) = (x2, x1)`` and ``(x2, x1) * (-sin, sin) = (-x2, x1) * sin``.
+    The tables take no gradient.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Rotate.apply(x, cos, signed_sin)
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)

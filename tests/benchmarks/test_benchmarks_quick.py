@@ -32,3 +32,41 @@ def test_tokenizer_targets_quick(tmp_path):
     rows = _run("tokenizer_targets.py", "--only", "fsq_8x8", "patches_4", "--out", str(tmp_path))
     assert [r["run"] for r in rows] == ["fsq_8x8", "patches_4"]
     assert rows[1]["photos_psnr"] > 90  # raw patches are lossless
+
+
+def test_bench_decoder_train_quick(tmp_path):
+    out = tmp_path / "train.json"
+    rows = _run("bench_decoder_train.py", "--out", str(out))
+    assert len(rows) == 1 and json.loads(out.read_text()) == rows[0]
+    r = rows[0]
+    assert r["bench"] == "decoder_train" and r["quick"] and r["device"] == "cpu"
+    for name in ("hf", "ours_rope_tv", "ours_flat", "ours_flat_causal"):
+        assert r[f"{name}_ms"] > 0 and r[f"{name}_tokens_per_s"] > 0
+    for name in ("ours_rope_tv", "ours_flat", "ours_flat_causal"):
+        assert r[f"{name}_speedup"] > 0
+    assert abs(r["loss_ours_flat_causal"] - r["loss_hf"]) < 1e-3  # the same computation as Llama
+    assert r["docs_per_row"] > 1 and 0 < r["useful_fraction"] <= 1  # real packed rows
+
+
+def test_bench_generation_quick(tmp_path):
+    out = tmp_path / "generation.json"
+    rows = _run("bench_generation.py", "--out", str(out))
+    assert len(rows) == 1 and json.loads(out.read_text()) == rows[0]
+    r = rows[0]
+    assert r["bench"] == "generation" and r["quick"]
+    assert [(c["batch"], c["new_tokens"]) for c in r["cases"]] == [(1, 16), (8, 16)]
+    for c in r["cases"]:
+        assert c["ours_tokens_per_s"] > 0 and c["hf_tokens_per_s"] > 0 and c["speedup"] > 0
+        assert c["token_agreement"] == 1.0  # greedy decoding of the same weights picks the same tokens
+
+
+def test_bench_packing_quick(tmp_path):
+    out = tmp_path / "packing.json"
+    rows = _run("bench_packing.py", "--out", str(out))
+    assert len(rows) == 1 and json.loads(out.read_text()) == rows[0]
+    r = rows[0]
+    assert r["bench"] == "packing" and r["quick"]
+    packed, padded = r["packed"], r["padded"]
+    assert packed["useful_tokens"] == padded["useful_tokens"]  # the same documents, once each
+    assert packed["useful_fraction"] > padded["useful_fraction"]
+    assert packed["useful_tokens_per_s"] > 0 and padded["useful_tokens_per_s"] > 0
