@@ -57,6 +57,7 @@ from tokenizers_mm.checkpoints import (
 from tokenizers_mm.config_io import ConfigError, load_config, to_dict
 from tokenizers_mm.modeling import ImageTokenizer
 from tokenizers_mm.train import param_digest
+from tokenizers_mm.train_step import NonfiniteGuard, guarded_update
 
 
 @dataclass
@@ -368,7 +369,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    step, micro, tokens_seen, nonfinite_total, nonfinite_run = 0, 0, 0, 0, 0
+    step, micro, tokens_seen, nonfinite_total = 0, 0, 0, 0
     if cfg.resume and (ckpt := latest_checkpoint(out_dir)) is not None:
         state, extras = load_checkpoint(accelerator, ckpt)
         step, micro = state["step"], state["micro_step"]
@@ -389,6 +390,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         with open(out_dir / name, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    guard = NonfiniteGuard(cfg.max_nonfinite, nonfinite_total)
     prompts = sample_prompts(cfg.num_sample_prompts)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, desc="decoder", dynamic_ncols=True)
     t0, t_window, tok_window = time.time(), time.time(), 0
@@ -400,36 +402,15 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         micro += 1
         with accelerator.accumulate(model):
             loss = model(**inputs).loss
-            # Every rank must take the same branch, or DDP's collectives would deadlock.
-            bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss)), device=device), "max") > 0
-            if not bad:
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    gnorm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    bad = not torch.isfinite(torch.as_tensor(gnorm))
-                if not bad:
-                    optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            bad = guarded_update(accelerator, loss, model.parameters(), optimizer, scheduler, cfg.grad_clip)
         tokens_seen += n_tokens * world
         tok_window += n_tokens * world
         if not accelerator.sync_gradients:
             continue
         step += 1
         bar.update(1)
-        if bad:
-            nonfinite_total += 1
-            nonfinite_run += 1
-            accelerator.print(
-                f"step {step}: non-finite loss or gradient, update skipped ({nonfinite_total} total)"
-            )
-            if nonfinite_run >= cfg.max_nonfinite:
-                raise RuntimeError(
-                    f"{nonfinite_run} non-finite steps in a row at step {step}; stopping. "
-                    "Lower lr or check the data."
-                )
+        if guard.record(bad, step, accelerator.print):
             continue
-        nonfinite_run = 0
         if ema is not None:
             ema.update_parameters(accelerator.unwrap_model(model))
         if is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
@@ -465,7 +446,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
                 "step": step,
                 "micro_step": micro,
                 "tokens_seen": tokens_seen,
-                "nonfinite_total": nonfinite_total,
+                "nonfinite_total": guard.total,
             }
             save_checkpoint(accelerator, out_dir, step, state, extras, keep=cfg.keep_checkpoints)
     bar.close()
@@ -495,7 +476,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             "rope_scheme": model_cfg.rope_scheme,
             "text_vocab_size": text_tok.vocab_size,
             "captions_truncated": corpus.num_truncated,
-            "nonfinite_steps_skipped": nonfinite_total,
+            "nonfinite_steps_skipped": guard.total,
             "num_processes": world,
             "rank_param_digests": digests,
         }

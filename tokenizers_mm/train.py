@@ -42,6 +42,7 @@ from tokenizers_mm.evaluate import evaluate_tokenizer, reconstruction_grid
 from tokenizers_mm.metrics import psnr, ssim
 from tokenizers_mm.modeling import ImageTokenizer
 from tokenizers_mm.presets import PRESETS, preset_config
+from tokenizers_mm.train_step import NonfiniteGuard, guarded_update
 
 
 @dataclass
@@ -255,7 +256,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     else:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    step, micro, nonfinite_total, nonfinite_run, history = 0, 0, 0, 0, []
+    step, micro, nonfinite_total, history = 0, 0, 0, []
     if cfg.resume and (ckpt := latest_checkpoint(out_dir)) is not None:
         state, extras = load_checkpoint(accelerator, ckpt)
         step, micro = state["step"], state["micro_step"]
@@ -271,6 +272,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     device = accelerator.device
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, desc="tokenizer", dynamic_ncols=True)
     t0, last_log = time.time(), {}
+    guard = NonfiniteGuard(cfg.max_nonfinite, nonfinite_total)
     model.train()
     while step < cfg.max_steps:
         pixels = batches.get(micro).to(device)
@@ -288,17 +290,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
                 d.requires_grad_(False)
                 loss = loss + cfg.disc_weight * (-d(recon).mean())
                 d.requires_grad_(True)
-            # Every rank must take the same branch, or DDP's collectives would deadlock.
-            bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss)), device=device), "max") > 0
-            if not bad:
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    gnorm = accelerator.clip_grad_norm_(trainable, cfg.grad_clip)
-                    bad = not torch.isfinite(torch.as_tensor(gnorm))
-                if not bad:
-                    optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            bad = guarded_update(accelerator, loss, trainable, optimizer, scheduler, cfg.grad_clip)
             if gan_on and not bad:
                 real_fake = torch.cat([pixels, recon.detach()])  # (2b, 3, H, W): one DDP forward
                 logits = disc(real_fake)
@@ -310,19 +302,8 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             continue
         step += 1
         bar.update(1)
-        if bad:
-            nonfinite_total += 1
-            nonfinite_run += 1
-            accelerator.print(
-                f"step {step}: non-finite loss or gradient, update skipped ({nonfinite_total} total)"
-            )
-            if nonfinite_run >= cfg.max_nonfinite:
-                raise RuntimeError(
-                    f"{nonfinite_run} non-finite steps in a row at step {step}; stopping. "
-                    "Lower lr or check the data."
-                )
+        if guard.record(bad, step, accelerator.print):
             continue
-        nonfinite_run = 0
         if ema is not None:
             ema.update_parameters(accelerator.unwrap_model(model))
         if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -347,12 +328,12 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             model.train()
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             extras = {"ema": ema.state_dict()} if ema is not None else None
-            state = {"step": step, "micro_step": micro, "nonfinite_total": nonfinite_total}
+            state = {"step": step, "micro_step": micro, "nonfinite_total": guard.total}
             save_checkpoint(accelerator, out_dir, step, state, extras, keep=cfg.keep_checkpoints)
     bar.close()
     train_time = time.time() - t0
     return _finish(
-        accelerator, cfg, model, ema, eval_images, images, train_time, history, {"skipped": nonfinite_total}
+        accelerator, cfg, model, ema, eval_images, images, train_time, history, {"skipped": guard.total}
     )
 
 

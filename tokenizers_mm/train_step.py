@@ -1,0 +1,57 @@
+"""The guarded optimizer step shared by the training loops of both stages.
+
+A non-finite loss (on any rank) or gradient norm skips the update; every rank takes the same branch,
+or DDP's collectives would deadlock. :class:`NonfiniteGuard` counts skipped steps and stops the run
+after ``max_in_a_row`` consecutive ones, so no non-finite weights are ever saved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def guarded_update(
+    accelerator,
+    loss: torch.Tensor,
+    params: Iterable[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    grad_clip: float,
+) -> bool:
+    """Backward, clip and step inside ``accelerator.accumulate``; returns True if the update was skipped."""
+    device = loss.device
+    bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss)), device=device), "max") > 0
+    if not bad:
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            gnorm = accelerator.clip_grad_norm_(params, grad_clip)
+            bad = not torch.isfinite(torch.as_tensor(gnorm))
+        if not bad:
+            optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return bool(bad)
+
+
+class NonfiniteGuard:
+    """Counts skipped (non-finite) optimizer steps; raises after ``max_in_a_row`` in a row."""
+
+    def __init__(self, max_in_a_row: int, total: int = 0):
+        self.max_in_a_row, self.total, self.in_a_row = max_in_a_row, total, 0
+
+    def record(self, bad: bool, step: int, log=print) -> bool:
+        """Record optimizer step ``step``; returns ``bad`` (the caller skips the rest of the step)."""
+        if not bad:
+            self.in_a_row = 0
+            return False
+        self.total += 1
+        self.in_a_row += 1
+        log(f"step {step}: non-finite loss or gradient, update skipped ({self.total} total)")
+        if self.in_a_row >= self.max_in_a_row:
+            raise RuntimeError(
+                f"{self.in_a_row} non-finite steps in a row at step {step}; stopping. "
+                "Lower lr or check the data."
+            )
+        return True
