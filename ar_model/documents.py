@@ -171,7 +171,10 @@ class PackedBatches:
         """Per row, the documents of this rank's batch at ``micro_step``."""
         epoch, b = divmod(micro_step, self.batches_per_epoch)
         self._load_epoch(epoch)
-        return [[self._specs[d] for d in row] for row in self._batches[b * self.world + self.rank]]
+        # Caption drops change document lengths, so a later epoch can pack into one batch fewer than
+        # epoch 0 (which set batches_per_epoch); its last index then falls back to the last batch.
+        index = min(b * self.world + self.rank, len(self._batches) - 1)
+        return [[self._specs[d] for d in row] for row in self._batches[index]]
 
     def get(self, micro_step: int) -> TokenBatch:
         return batch_from_rows(

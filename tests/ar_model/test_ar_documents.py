@@ -115,3 +115,11 @@ def test_empty_captions_and_unknown_characters_are_fine(text_tokenizer):
 def test_an_image_grid_that_cannot_fit_is_an_error_at_build_time(text_tokenizer):
     with pytest.raises(ValueError, match="raise max_len"):
         CodesCorpus(torch.zeros(1, 8, 8, dtype=torch.long), ["x"], text_tokenizer, max_len=64)
+
+
+def test_an_epoch_with_fewer_batches_than_the_first_does_not_crash(text_tokenizer, captions):
+    batches = _batches(_corpus(text_tokenizer, captions), rank=1, world=2)
+    per_epoch = batches.batches_per_epoch
+    batches._load_epoch(1)
+    batches._batches = batches._batches[: 2 * per_epoch - 1]  # as if epoch 1 packed one batch fewer
+    assert batches.get(2 * per_epoch - 1)["input_ids"].shape[1] == 256  # the epoch's last step
