@@ -102,6 +102,12 @@ class MMGenerator:
         gen = cls(decoder, TextTokenizer.load(path / TEXT_TOKENIZER_FILE), image_tokenizer)
         return gen.to(device) if device is not None else gen
 
+    def _generator(self, seed: int | torch.Generator | None) -> torch.Generator:
+        """``seed`` itself if it is a generator, else a new one on the model's device seeded with it."""
+        if isinstance(seed, torch.Generator):
+            return seed
+        return torch.Generator(self.device).manual_seed(0 if seed is None else int(seed))
+
     # ------------------------------------------------------------------ text → image
     def _grid(self, height: int | None, width: int | None) -> tuple[int, int]:
         height = self.resolution if height is None else height
@@ -129,11 +135,7 @@ class MMGenerator:
         if isinstance(prompts, str):
             prompts = [prompts]
         h, w = self._grid(height, width)
-        if isinstance(seed, torch.Generator):
-            generator = seed
-        else:
-            generator = torch.Generator(self.device)
-            generator.manual_seed(0 if seed is None else int(seed))
+        generator = self._generator(seed)
         tok, device = self.text_tokenizer, self.device
         rows = [torch.tensor([tok.bos_id, *tok.encode(p)], dtype=torch.long, device=device) for p in prompts]
         out = []
@@ -192,11 +194,7 @@ class MMGenerator:
         codes = self.encode_images(images)  # (N, h, w)
         n, h, w = codes.shape
         cfg, tok = self.decoder.config, self.text_tokenizer
-        if isinstance(seed, torch.Generator):
-            generator = seed
-        else:
-            generator = torch.Generator(self.device)
-            generator.manual_seed(0 if seed is None else int(seed))
+        generator = self._generator(seed)
         prefix = torch.tensor([tok.bos_id, tok.boi_id, tok.h_token(h), tok.w_token(w)], device=codes.device)
         suffix = torch.tensor([tok.eoi_id], device=codes.device)
         # <bos> <boi> <h> <w> | h*w codes | <eoi>: text 4, image (h, w), text 1

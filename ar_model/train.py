@@ -298,6 +298,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     set_seed(cfg.seed, device_specific=False)
     out_dir, is_main = Path(cfg.output_dir), accelerator.is_main_process
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    # FSDP shards the weights: every rank must join each forward (validation and sampling too), the
+    # final weights are gathered with get_state_dict, and an EMA copy would need sharding of its own.
+    collective = accelerator.distributed_type == DistributedType.FSDP
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "train_config.json", json.dumps(to_dict(cfg), indent=2))
@@ -329,7 +332,6 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         **batch_args,
     )
     val_batches: list[TokenBatch] = []
-    collective = accelerator.distributed_type == DistributedType.FSDP
     if (is_main or collective) and folders["val"]:
         val_codes, val_captions = _load_all(folders["val"], image_tokenizer)
         val_corpus = CodesCorpus(val_codes, val_captions, text_tok, cfg.max_len)
@@ -359,9 +361,6 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         num_training_steps=cfg.max_steps * world,
         min_lr_rate=cfg.min_lr_ratio,
     )
-    # FSDP shards the weights: every rank must join each forward (validation and sampling too), the
-    # final weights are gathered with get_state_dict, and an EMA copy would need sharding of its own.
-    collective = accelerator.distributed_type == DistributedType.FSDP
     if collective and cfg.ema_decay > 0:
         raise ValueError("ema_decay > 0 is not supported with FSDP; use DDP or a single device for EMA")
     ema = None
