@@ -2,9 +2,12 @@
 
 from ar_model.attention import KVCache
 from ar_model.config import ATTN_IMPLS, MMDecoderConfig, vocab_layout
+from ar_model.diffusion_head import DiffusionHead, DiffusionHeadConfig
+from ar_model.flow_matching import FlowLoss, FlowLossConfig, flow_matching_loss
+from ar_model.flow_sampler import sample_flow
 from ar_model.generation import generate_image_codes, generate_tokens, sample_logits
 from ar_model.generator import MMGenerator
-from ar_model.modeling import MMDecoderForCausalLM, MMDecoderModel
+from ar_model.modeling import MMCausalLMOutput, MMDecoderForCausalLM, MMDecoderModel
 from ar_model.packing import PackPlan, TokenBatch, build_packed_batch, build_padded_batch, pack_documents
 from ar_model.positions import document_positions, multimodal_positions
 from ar_model.presets import PRESETS, count_parameters, preset_config
@@ -14,7 +17,12 @@ from ar_model.text_tokenizer import TextTokenizer, train_text_tokenizer
 
 __all__ = [
     "ATTN_IMPLS",
+    "DiffusionHead",
+    "DiffusionHeadConfig",
+    "FlowLoss",
+    "FlowLossConfig",
     "KVCache",
+    "MMCausalLMOutput",
     "MMDecoderConfig",
     "MMDecoderForCausalLM",
     "MMDecoderModel",
@@ -30,6 +38,7 @@ __all__ = [
     "build_sequence",
     "count_parameters",
     "document_positions",
+    "flow_matching_loss",
     "generate_image_codes",
     "generate_tokens",
     "image_to_text_document",
@@ -37,6 +46,7 @@ __all__ = [
     "pack_documents",
     "preset_config",
     "rope_angles",
+    "sample_flow",
     "sample_logits",
     "text_to_image_document",
     "train_text_tokenizer",

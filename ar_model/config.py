@@ -17,6 +17,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from ar_model.diffusion_head import DiffusionHeadConfig
+from ar_model.flow_matching import FlowLossConfig
 from ar_model.positions import SCHEMES
 from ar_model.text_tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID, FIRST_SIZE_ID, PAD_ID, TextTokenizer
 from tokenizers_mm.modeling import _BASE_CONFIG_KEYS
@@ -64,6 +66,14 @@ class MMDecoderConfig(PretrainedConfig):
         pad_id, bos_id, eos_id, boi_id, eoi_id: special token ids (the text tokenizer's fixed layout).
         size_token_start, max_image_side: ``<h_k>`` is ``size_token_start + k - 1`` and ``<w_k>`` is
             ``size_token_start + max_image_side + k - 1`` for ``k = 1..max_image_side``.
+        latent_dim: channels of a continuous image token (issue 4); 0 (default) is a discrete-only model
+            with no latent input layer and no diffusion head (its state dict is unchanged). With
+            ``latent_dim > 0`` the image-code id ``code_offset`` is the placeholder of latent positions
+            (:attr:`latent_token_id`), ``latent_proj`` embeds latents and ``diffusion_head`` predicts them.
+        diffusion_head: :class:`~ar_model.diffusion_head.DiffusionHeadConfig` fields (a dict; defaults
+            when None); only with ``latent_dim > 0``.
+        flow_loss: :class:`~ar_model.flow_matching.FlowLossConfig` fields (a dict: loss weight, samples
+            per position, t sampling, shortcut fraction); only with ``latent_dim > 0``.
     """
 
     model_type = "mm_decoder"
@@ -102,6 +112,9 @@ class MMDecoderConfig(PretrainedConfig):
         eoi_id: int = EOI_ID,
         size_token_start: int = FIRST_SIZE_ID,
         max_image_side: int = 64,
+        latent_dim: int = 0,
+        diffusion_head: dict[str, Any] | DiffusionHeadConfig | None = None,
+        flow_loss: dict[str, Any] | FlowLossConfig | None = None,
         **kwargs: Any,
     ):
         unknown = sorted(set(kwargs) - _BASE_CONFIG_KEYS)
@@ -179,6 +192,23 @@ class MMDecoderConfig(PretrainedConfig):
                 )
         if len(set(ids.values())) != len(ids):
             raise ValueError(f"MMDecoderConfig: special ids must be distinct, got {ids}")
+
+        # Continuous image tokens (issue 4). Stored as plain dicts so that config.json round-trips them.
+        self.latent_dim = _positive_int("latent_dim", latent_dim, 0)
+        if self.latent_dim == 0 and (diffusion_head is not None or flow_loss is not None):
+            raise ValueError("MMDecoderConfig: diffusion_head / flow_loss need latent_dim > 0")
+        self.diffusion_head = (
+            DiffusionHeadConfig.from_any(diffusion_head).to_dict() if self.latent_dim else None
+        )
+        self.flow_loss = FlowLossConfig.from_any(flow_loss).to_dict() if self.latent_dim else None
+        if (
+            self.latent_dim
+            and self.flow_loss["shortcut_fraction"] > 0
+            and not self.diffusion_head["shortcut_levels"]
+        ):
+            raise ValueError(
+                "MMDecoderConfig: flow_loss.shortcut_fraction > 0 needs diffusion_head.shortcut_levels > 0"
+            )
         super().__init__(**kwargs)
 
     # transformers ties lm_head to the embedding when config.tie_word_embeddings is true.
@@ -189,6 +219,22 @@ class MMDecoderConfig(PretrainedConfig):
     @tie_word_embeddings.setter
     def tie_word_embeddings(self, value: bool) -> None:
         self.tie_embeddings = bool(value)
+
+    # ------------------------------------------------------------------ continuous tokens
+    @property
+    def head_config(self) -> DiffusionHeadConfig | None:
+        """The diffusion head's :class:`DiffusionHeadConfig`; None for a discrete model."""
+        return DiffusionHeadConfig.from_any(self.diffusion_head) if self.latent_dim else None
+
+    @property
+    def flow_loss_config(self) -> FlowLossConfig | None:
+        """The flow loss's :class:`FlowLossConfig`; None for a discrete model."""
+        return FlowLossConfig.from_any(self.flow_loss) if self.latent_dim else None
+
+    @property
+    def latent_token_id(self) -> int | None:
+        """Placeholder id in ``input_ids`` at continuous-latent positions (image code 0); None if discrete."""
+        return self.code_offset if self.latent_dim else None
 
     # ------------------------------------------------------------------ vocabulary helpers
     @property

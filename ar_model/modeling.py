@@ -20,11 +20,18 @@ softmax per logit (:class:`_LinearCrossEntropy`). For generation (``benchmarks/b
 where a step is a few dozen tiny ops, :meth:`MMDecoderModel.run_layers` can run the layers as plain
 function calls on their weights (:func:`lean_layer`). Tests pin all of it to ``LlamaForCausalLM``
 (logits, loss and every gradient) and to the module path.
+
+Continuous image tokens (issue 4): a model with ``config.latent_dim > 0`` embeds ``latents (b, n, D)``
+with ``latent_proj`` wherever ``latent_mask (b, n)`` is true (instead of the placeholder id's embedding)
+and carries a :class:`~ar_model.diffusion_head.DiffusionHead` trained with the flow loss of
+:mod:`ar_model.flow_matching` on the hidden state *before* each latent. With ``latent_dim = 0`` (the
+default) none of this exists: parameters, state dict and outputs are those of the discrete model.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
@@ -35,8 +42,10 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from ar_model.attention import AttentionPlan, KVCache, attend, plan_attention
+from ar_model.attention import AttentionPlan, KVCache, attend, doc_ids_from_seq_lens, plan_attention
 from ar_model.config import MMDecoderConfig
+from ar_model.diffusion_head import DiffusionHead
+from ar_model.flow_matching import FlowLoss, flow_matching_loss
 from ar_model.packing import IGNORE_INDEX
 from ar_model.rope import rope_tables, rotate
 
@@ -290,13 +299,20 @@ class MMDecoderPreTrainedModel(PreTrainedModel):
         Linear and embedding weights ~ N(0, initializer_range); norms = 1. The projections that write
         into the residual stream (``o_proj``, ``down_proj``) use std ``initializer_range / sqrt(2 L)``
         so that the residual variance does not grow with depth (GPT-2, Radford et al. 2019). The model
-        has no derived buffers: RoPE frequencies are computed from the config in every forward.
+        has no derived buffers: RoPE frequencies are computed from the config in every forward. Biases
+        (only ``latent_proj`` and the diffusion head have them) start at zero; the diffusion head then
+        applies its own init (zero AdaLN modulation and output, :meth:`DiffusionHead.init_weights`),
+        which runs after its submodules'.
         """
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             if getattr(module, "is_residual_proj", False):
                 std = std / math.sqrt(2 * self.config.num_layers)
             init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, DiffusionHead):
+            module.init_weights(init)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
@@ -309,6 +325,8 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
     def __init__(self, config: MMDecoderConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Continuous tokens: embedded by a linear layer at their positions (issue 4); absent if discrete.
+        self.latent_proj = nn.Linear(config.latent_dim, config.hidden_size) if config.latent_dim else None
         self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = config.gradient_checkpointing
@@ -329,6 +347,8 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
+        latents: torch.Tensor | None = None,
+        latent_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Hidden states for ``input_ids (b, n)`` at ``positions (b, n, 2)``.
@@ -338,6 +358,8 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
         rows: ``attention_mask (b, cached + n)``, true for real tokens. Generation: pass a
         :class:`KVCache` (or ``use_cache=True`` to start one); it is returned in ``past_key_values``.
         ``positions=None`` means 1-D positions ``cached .. cached + n - 1`` on both axes.
+        Continuous tokens (``config.latent_dim > 0``): ``latents (b, n, latent_dim)`` replace the token
+        embedding where ``latent_mask (b, n)`` is true (see :meth:`embed`).
         """
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
@@ -345,6 +367,7 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
             raise ValueError(f"input_ids must be (b, n), got {tuple(input_ids.shape)}")
         b, n = input_ids.shape
         cfg = self.config
+        self.check_latents(input_ids, latents, latent_mask)
         if use_cache and past_key_values is None:
             param = self.embed_tokens.weight
             past_key_values = KVCache(
@@ -372,8 +395,55 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
         )
         # RoPE tables once per forward (angles in fp32, cast once), shared by all layers.
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_base, self.embed_tokens.weight.dtype)
-        hidden = self.run_layers(input_ids, cos, sin, plan, past_key_values)
+        hidden = self.run_layers(
+            input_ids, cos, sin, plan, past_key_values, latents=latents, latent_mask=latent_mask
+        )
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+
+    def check_latents(
+        self, input_ids: torch.Tensor, latents: torch.Tensor | None, latent_mask: torch.Tensor | None
+    ) -> None:
+        """ValueError unless ``latents (b, n, latent_dim)`` and ``latent_mask (b, n)`` bool come together,
+        fit ``input_ids (b, n)`` and this model's ``latent_dim``, and are finite (syncs with the host)."""
+        if latents is None and latent_mask is None:
+            return
+        dim = self.config.latent_dim
+        if dim == 0:
+            raise ValueError("this model is discrete (config.latent_dim=0): it takes no latents")
+        if latents is None or latent_mask is None:
+            raise ValueError("latents and latent_mask go together: pass both or neither")
+        b, n = input_ids.shape
+        if latents.dim() != 3 or latents.shape[:2] != (b, n) or not latents.is_floating_point():
+            raise ValueError(
+                f"latents must be float (b, n, latent_dim) = {(b, n, dim)}, got {tuple(latents.shape)}"
+            )
+        if latents.shape[-1] != dim:
+            raise ValueError(
+                f"latent dimension {latents.shape[-1]} does not match the model's latent_dim={dim} (is the "
+                f"image tokenizer the one this decoder was trained with?)"
+            )
+        if latent_mask.shape != (b, n) or latent_mask.dtype != torch.bool:
+            raise ValueError(
+                f"latent_mask must be bool (b, n) = {(b, n)}, got {latent_mask.dtype} "
+                f"{tuple(latent_mask.shape)}"
+            )
+        if not bool(torch.isfinite(latents).all()):
+            bad = (~torch.isfinite(latents)).any(-1).nonzero()[:4].tolist()  # (k, 2): (row, position)
+            raise ValueError(f"latents hold NaN or inf (first (row, position) pairs: {bad})")
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        latents: torch.Tensor | None = None,
+        latent_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Input embeddings ``(b, n, c)``: ``embed_tokens(input_ids)``, and ``latent_proj(latents)`` where
+        ``latent_mask`` is true (unchecked: :meth:`forward` checks with :meth:`check_latents`)."""
+        x = self.embed_tokens(input_ids)  # (b, n, c)
+        if latent_mask is None:
+            return x
+        z = self.latent_proj(latents.to(self.latent_proj.weight.dtype))  # (b, n, D) -> (b, n, c)
+        return torch.where(latent_mask[..., None], z.to(x.dtype), x)  # (b, n, c)
 
     def plain_layer_weights(self) -> list[LayerWeights] | None:
         """Every layer's :class:`LayerWeights` for ``run_layers(..., weights=)``, or None if a layer is
@@ -389,6 +459,9 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
         plan: AttentionPlan,
         cache: KVCache | None = None,
         weights: list[LayerWeights] | None = None,
+        *,
+        latents: torch.Tensor | None = None,
+        latent_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Normed hidden states ``(b, n, c)`` from checked inputs (internal: :meth:`forward` and generation).
 
@@ -396,8 +469,9 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
         :func:`~ar_model.attention.plan_attention`; ``cache`` is written and advanced by ``n`` tokens.
         Generation computes the tables of every position once, takes :meth:`plain_layer_weights`, and
         calls this for each new token; with ``weights`` the layers run as :func:`lean_layer`.
+        ``latents``/``latent_mask`` as in :meth:`forward` (continuous tokens, :meth:`embed`).
         """
-        x = self.embed_tokens(input_ids)  # (b, n, c)
+        x = self.embed(input_ids, latents, latent_mask)  # (b, n, c)
         if weights is not None:
             for w in weights:
                 x = lean_layer(x, w, cos, sin, plan, cache)
@@ -416,8 +490,22 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
         return self.norm(x)
 
 
+@dataclass
+class MMCausalLMOutput(CausalLMOutputWithPast):
+    """The output of a continuous-token model (``latent_dim > 0``): ``CausalLMOutputWithPast`` plus the
+    parts of ``loss = text_loss + flow_loss.weight · flow_loss`` and the last hidden states (the
+    diffusion head's conditions at generation)."""
+
+    text_loss: torch.FloatTensor | None = None  # mean cross-entropy over labels != -100
+    flow_loss: torch.FloatTensor | None = None  # FlowLoss.loss: flow matching and shortcut rows together
+    flow_matching_loss: torch.FloatTensor | None = None  # FlowLoss.flow: the d = 0 rows only
+    shortcut_loss: torch.FloatTensor | None = None  # FlowLoss.shortcut: the self-consistency rows only
+    last_hidden_state: torch.FloatTensor | None = None  # (b, n, c) normed hidden states
+
+
 class MMDecoderForCausalLM(MMDecoderPreTrainedModel):
-    """:class:`MMDecoderModel` plus an LM head over the shared vocabulary (text ids and image codes)."""
+    """:class:`MMDecoderModel` plus an LM head over the shared vocabulary (text ids and image codes), and
+    for ``config.latent_dim > 0`` a :class:`~ar_model.diffusion_head.DiffusionHead` for continuous tokens."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -425,6 +513,11 @@ class MMDecoderForCausalLM(MMDecoderPreTrainedModel):
         super().__init__(config)
         self.model = MMDecoderModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.diffusion_head = (
+            DiffusionHead(config.latent_dim, config.hidden_size, config.head_config)
+            if config.latent_dim
+            else None
+        )
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -450,12 +543,20 @@ class MMDecoderForCausalLM(MMDecoderPreTrainedModel):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
+        latents: torch.Tensor | None = None,
+        latent_mask: torch.Tensor | None = None,
+        flow_generator: torch.Generator | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits ``(b, n, V)`` (the last ``logits_to_keep`` positions if > 0) and the loss.
 
         ``loss`` is the mean cross-entropy (in fp32) over tokens whose label is not -100; labels are
         aligned with ``input_ids`` (already shifted). Other arguments: see :meth:`MMDecoderModel.forward`.
+
+        Continuous-token models (``latent_dim > 0``) return :class:`MMCausalLMOutput`. With ``labels`` and
+        ``latents``/``latent_mask`` the loss is ``text CE + flow_loss.weight · flow loss``, the flow loss
+        (:func:`~ar_model.flow_matching.flow_matching_loss`) over the pairs of :meth:`flow_pairs`, its
+        noise and times drawn from ``flow_generator``.
         """
         out = self.model(
             input_ids,
@@ -465,6 +566,8 @@ class MMDecoderForCausalLM(MMDecoderPreTrainedModel):
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             use_cache=use_cache,
+            latents=latents,
+            latent_mask=latent_mask,
             **kwargs,
         )
         hidden = out.last_hidden_state  # (b, n, c)
@@ -483,7 +586,60 @@ class MMDecoderForCausalLM(MMDecoderPreTrainedModel):
             logits = self.lm_head(hidden)  # (b, n or k, V)
             if labels is not None:
                 loss = lm_loss(logits, labels)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        if self.diffusion_head is None:
+            return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        result = MMCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            text_loss=loss,
+            last_hidden_state=out.last_hidden_state,
+        )
+        if labels is not None and latents is not None:
+            flow = self.flow_loss(
+                out.last_hidden_state, latents, latent_mask, doc_ids, seq_lens, generator=flow_generator
+            )
+            result.loss = loss + self.config.flow_loss_config.weight * flow.loss
+            result.flow_loss, result.flow_matching_loss, result.shortcut_loss = flow
+        return result
+
+    @staticmethod
+    def flow_pairs(
+        hidden: torch.Tensor,
+        latents: torch.Tensor,
+        latent_mask: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        seq_lens: list[list[int]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conditions ``(N, c)`` and targets ``(N, D)`` of the flow loss, in row-major order.
+
+        The hidden state at position ``i`` conditions the latent at ``i + 1`` whenever ``i + 1`` is a
+        latent of the same document (DESIGN §3: "c = hidden state of the previous position"). Packed rows:
+        documents from ``seq_lens`` (preferred: it also separates chunks of a split document) or
+        ``doc_ids``, so that no pair crosses a document boundary.
+        """
+        b, n, _ = hidden.shape
+        nxt = latent_mask[:, 1:]  # (b, n-1): the next token is a latent
+        segments = doc_ids_from_seq_lens(seq_lens, n, hidden.device) if seq_lens is not None else doc_ids
+        if segments is not None:
+            nxt = nxt & (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] >= 0)  # (b, n-1)
+        return hidden[:, :-1][nxt], latents[:, 1:][nxt]  # (N, c), (N, D)
+
+    def flow_loss(
+        self,
+        hidden: torch.Tensor,
+        latents: torch.Tensor,
+        latent_mask: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        seq_lens: list[list[int]] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> FlowLoss:
+        """:func:`~ar_model.flow_matching.flow_matching_loss` of the diffusion head over :meth:`flow_pairs`
+        of ``hidden (b, n, c)`` (the decoder's normed output) and ``latents (b, n, D)``."""
+        if self.diffusion_head is None:
+            raise ValueError("this model has no diffusion head (config.latent_dim=0)")
+        cond, target = self.flow_pairs(hidden, latents, latent_mask, doc_ids, seq_lens)
+        return flow_matching_loss(self.diffusion_head, cond, target, self.config.flow_loss_config, generator)
 
     def _plain_lm_head(self) -> bool:
         """True when ``lm_head`` is a bare ``nn.Linear`` (no bias, no hooks, e.g. no adapter wrapping it)."""
