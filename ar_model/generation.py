@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ar_model.attention import AttentionPlan, KVCache, plan_attention
 from ar_model.positions import Segment, multimodal_positions
@@ -33,6 +34,7 @@ __all__ = [
     "guidance_scale_at",
     "left_pad",
     "sample_logits",
+    "sample_rows",
 ]
 
 
@@ -67,6 +69,29 @@ def sample_logits(
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(dim=-1)  # (b, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (b,)
+
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: Generators,
+) -> torch.Tensor:
+    """:func:`sample_logits` with one generator for the batch, or one per row (a list of ``b``).
+
+    Per-row generators make a row's draws independent of the rows batched with it, so a batch
+    samples exactly what each row would sample alone.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return sample_logits(logits, temperature, top_k, top_p, generator)
+    if len(generator) != logits.shape[0]:
+        raise ValueError(f"got {len(generator)} generators for {logits.shape[0]} rows")
+    rows = [sample_logits(logits[i : i + 1], temperature, top_k, top_p, g) for i, g in enumerate(generator)]
+    return torch.cat(rows)  # (b,)
 
 
 def guidance_scale_at(scale: float, schedule: str, step: int, total: int) -> float:
@@ -303,11 +328,12 @@ def generate_image_codes(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     prompt_segments: Sequence[Sequence[Segment]] | None = None,
     uncond_prompt: torch.Tensor | None = None,
     use_cfg: bool | None = None,
     use_cache: bool = True,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Sample an ``h × w`` grid of image codes after each prompt; returns LongTensor ``(b, h, w)``.
 
@@ -322,7 +348,8 @@ def generate_image_codes(
     sampled from ``l_u + s (l_c - l_u)``, computed as ``l_c + (s - 1)(l_c - l_u)`` so that ``s = 1``
     gives ``l_c`` exactly. ``cfg_schedule="linear"`` ramps ``s`` from 1 up to ``guidance_scale`` over
     the image (:func:`guidance_scale_at`). ``use_cfg`` (default: ``guidance_scale != 1``) runs the
-    uncond rows; without them no guidance is applied.
+    uncond rows; without them no guidance is applied. ``generator``: one for the batch or one per
+    prompt (:func:`sample_rows`). ``progress`` shows a tqdm bar over the ``h * w`` sampling steps.
     """
     cfg = model.config
     rows = _as_rows(prompts)
@@ -349,13 +376,13 @@ def generate_image_codes(
     stepper = _Stepper(model, batch_ids, batch_pos, mask, image_pos, (start, stop), use_cache)
     logits = stepper.prefill()  # (rows, num_image_codes): the only ids allowed
     codes = torch.empty(b, hw, dtype=torch.long, device=batch_ids.device)
-    for t in range(hw):
+    for t in tqdm(range(hw), desc="image tokens", disable=not progress, leave=False):
         code_logits = logits.float()  # (rows, num_image_codes)
         if guided:
             cond, uncond = code_logits[:b], code_logits[b:]  # each (b, num_image_codes)
             scale = guidance_scale_at(guidance_scale, cfg_schedule, t, hw)
             code_logits = cond + (scale - 1.0) * (cond - uncond)
-        codes[:, t] = sample_logits(code_logits, temperature, top_k, top_p, generator)
+        codes[:, t] = sample_rows(code_logits, temperature, top_k, top_p, generator)
         if t + 1 == hw:
             break  # the last code needs no forward pass
         token = codes[:, t] + start  # (b,) ids in the shared vocabulary

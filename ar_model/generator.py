@@ -1,33 +1,56 @@
 """``MMGenerator``: a trained decoder with its text tokenizer and its frozen Stage-1 image tokenizer.
 
-One folder holds all three (the layout the pipelines load)::
+It is a transformers :class:`~transformers.PreTrainedModel`, so ``save_pretrained``,
+``from_pretrained`` (a folder or a Hub repo id), ``push_to_hub``, ``.to(device)`` and the
+pipelines of :mod:`pipelines` work on it as on any Hugging Face model. One folder holds everything::
 
     DIR/config.json, DIR/model.safetensors     the decoder (MMDecoderForCausalLM.save_pretrained)
     DIR/text_tokenizer.model                   the SentencePiece model
     DIR/image_tokenizer/                       the Stage-1 tokenizer (ImageTokenizer.save_pretrained)
+    DIR/mm_generator.json                      manifest: the image tokenizer's fingerprint, the card data
+    DIR/README.md, DIR/samples.png             the model card and its sample grid
 
 The two user-facing operations are here, as plain tensor functions that pipelines wrap:
 ``text_to_image`` (caption → ``<boi> <h> <w>`` → sampled codes → decoded pixels) and
 ``image_to_text`` (``<bos> <boi> <h> <w> codes <eoi>`` → greedy or sampled caption). Everything
-loads from safetensors, JSON and SentencePiece's own format; nothing is unpickled.
+loads from safetensors, JSON and SentencePiece's own format; nothing is unpickled and no code from
+the folder is run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from dataclasses import dataclass
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
+from ar_model.config import MMDecoderConfig
 from ar_model.generation import generate_image_codes, generate_tokens
+from ar_model.model_card import SAMPLE_GRID_FILE, render_model_card
 from ar_model.modeling import MMDecoderForCausalLM
 from ar_model.positions import multimodal_positions
 from ar_model.text_tokenizer import TextTokenizer
+from tokenizers_mm.checkpoints import atomic_save_dir
+from tokenizers_mm.identity import tokenizer_fingerprint
 from tokenizers_mm.modeling import ImageTokenizer
 
 TEXT_TOKENIZER_FILE = "text_tokenizer.model"
 IMAGE_TOKENIZER_DIR = "image_tokenizer"
+MANIFEST_FILE = "mm_generator.json"
+MANIFEST_FORMAT = 1
+# What a folder must hold (README.md and samples.png are documentation, not needed to load).
+REQUIRED = ("config.json", "model.safetensors", TEXT_TOKENIZER_FILE, IMAGE_TOKENIZER_DIR, MANIFEST_FILE)
+
+
+class ComponentMismatchError(ValueError):
+    """A folder whose parts were not trained together (e.g. another image tokenizer than the decoder's)."""
 
 
 def _batches(n: int, batch_size: int) -> list[slice]:
@@ -36,25 +59,82 @@ def _batches(n: int, batch_size: int) -> list[slice]:
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
-@dataclass
-class MMGenerator:
-    """Decoder + text tokenizer + image tokenizer, with text-to-image and image-to-text."""
+def check_prompts(prompts: Any) -> list[str]:
+    """A prompt or a non-empty list of prompts, as a list of strings (a clear error otherwise)."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError('prompts is an empty list: give at least one prompt ("" is the unconditional one)')
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        item = prompts[bad[0]]
+        raise TypeError(f"prompts must be strings; item {bad[0]} is a {type(item).__name__}: {item!r}")
+    return list(prompts)
 
-    decoder: MMDecoderForCausalLM
-    text_tokenizer: TextTokenizer
-    image_tokenizer: ImageTokenizer
 
-    def __post_init__(self) -> None:
-        cfg, tok = self.decoder.config, self.text_tokenizer
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _resolve_folder(name_or_path: str | os.PathLike, **hub: Any) -> Path:
+    """A local folder as is; otherwise a Hub repo id, fetched (or found in the cache) as one snapshot."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{path} is a file; an MMGenerator is a folder (or a Hub repo id)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name_or_path), repo_type="model", **hub))
+    except Exception as e:  # network, auth, offline cache miss: say what was looked for
+        raise OSError(
+            f"{name_or_path!r} is neither a local folder nor a Hub model repo that can be fetched "
+            f"({type(e).__name__}: {e})"
+        ) from e
+
+
+class MMGenerator(PreTrainedModel):
+    """Decoder + text tokenizer + image tokenizer, with text-to-image and image-to-text.
+
+    ``card`` holds what the model card records (training data, steps, metrics, ``sample_grid``:
+    a PNG path copied into the folder as ``samples.png``); it is kept through save → load.
+    """
+
+    config_class = MMDecoderConfig
+    base_model_prefix = "decoder"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+
+    def __init__(
+        self,
+        decoder: MMDecoderForCausalLM,
+        text_tokenizer: TextTokenizer,
+        image_tokenizer: ImageTokenizer,
+        card: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(decoder.config)
+        cfg, tok = decoder.config, text_tokenizer
         if cfg.text_vocab_size != tok.vocab_size:
-            raise ValueError(
+            raise ComponentMismatchError(
                 f"decoder expects {cfg.text_vocab_size} text ids, the text tokenizer has {tok.vocab_size}"
             )
-        codebook = self.image_tokenizer.config.codebook_size
+        codebook = image_tokenizer.config.codebook_size
         if codebook is not None and codebook != cfg.num_image_codes:
-            raise ValueError(f"decoder has {cfg.num_image_codes} image codes, the image tokenizer {codebook}")
-        self.decoder.eval()
-        self.image_tokenizer.eval()
+            raise ComponentMismatchError(
+                f"decoder has {cfg.num_image_codes} image codes, the image tokenizer {codebook}"
+            )
+        self.decoder = decoder
+        self.image_tokenizer = image_tokenizer
+        self.text_tokenizer = text_tokenizer
+        self.card: dict[str, Any] = dict(card or {})
+        self.eval()
+
+    def forward(self, *args: Any, **kwargs: Any):
+        """The decoder's forward (logits over the shared vocabulary); see :class:`MMDecoderForCausalLM`."""
+        return self.decoder(*args, **kwargs)
 
     # ------------------------------------------------------------------ folder
     @property
@@ -66,40 +146,165 @@ class MMGenerator:
     def device(self) -> torch.device:
         return self.decoder.get_input_embeddings().weight.device
 
-    def to(self, device: torch.device | str) -> MMGenerator:
-        self.decoder.to(device)
-        self.image_tokenizer.to(device)
-        return self
+    def allowed_sizes(self) -> list[int]:
+        """Image sides (pixels) the model can generate: multiples of the tokenizer's downsampling
+        factor up to the decoder's largest grid. Only the training resolution was trained."""
+        factor = self.resolution // self.image_tokenizer.token_grid(self.resolution, self.resolution)[0]
+        return [factor * k for k in range(1, self.config.max_image_side + 1)]
 
-    def save(
-        self, path: str | os.PathLike, decoder_state_dict: dict[str, torch.Tensor] | None = None
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "image_tokenizer_fingerprint": tokenizer_fingerprint(self.image_tokenizer),
+            "card": self.card,
+        }
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        decoder_state_dict: dict[str, torch.Tensor] | None = None,
+        is_main_process: bool = True,
+        push_to_hub: bool = False,
+        **kwargs: Any,
     ) -> Path:
-        """Write the decoder, the text tokenizer and the image tokenizer into one folder.
+        """Write every component into one folder, atomically (a temp folder renamed into place, so a
+        crash leaves the previous folder intact), plus ``README.md``, the model card.
 
         ``decoder_state_dict`` replaces the decoder's own weights (the gathered full state dict of a
-        sharded FSDP model).
+        sharded FSDP model). ``push_to_hub=True`` then uploads it (``repo_id=``, default the folder name).
         """
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.decoder.save_pretrained(path, state_dict=decoder_state_dict, safe_serialization=True)
-        self.text_tokenizer.save(path / TEXT_TOKENIZER_FILE)
-        self.image_tokenizer.save_pretrained(path / IMAGE_TOKENIZER_DIR, safe_serialization=True)
+        if not is_main_process:
+            return Path(save_directory)
+        repo_id = kwargs.pop("repo_id", None)
+        hub_kwargs = {k: kwargs.pop(k) for k in ("private", "token", "commit_message") if k in kwargs}
+        kwargs.pop("safe_serialization", None)  # always safetensors
+        if kwargs:
+            raise TypeError(f"save_pretrained: unexpected arguments {sorted(kwargs)}")
+
+        def write(tmp: Path) -> None:
+            self.decoder.save_pretrained(tmp, state_dict=decoder_state_dict)
+            self.text_tokenizer.save(tmp / TEXT_TOKENIZER_FILE)
+            self.image_tokenizer.save_pretrained(tmp / IMAGE_TOKENIZER_DIR)
+            card = dict(self.card)
+            grid = card.pop("sample_grid", None)
+            if grid is not None and Path(grid).is_file():
+                shutil.copyfile(grid, tmp / SAMPLE_GRID_FILE)
+            elif (Path(save_directory) / SAMPLE_GRID_FILE).is_file():
+                shutil.copyfile(Path(save_directory) / SAMPLE_GRID_FILE, tmp / SAMPLE_GRID_FILE)
+            has_grid = (tmp / SAMPLE_GRID_FILE).is_file()
+            manifest = {**self.manifest(), "card": card}
+            manifest["text_tokenizer_sha256"] = _sha256(tmp / TEXT_TOKENIZER_FILE)
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+            (tmp / "README.md").write_text(render_model_card(self, card, has_grid))
+
+        path = atomic_save_dir(save_directory, write)
+        if push_to_hub:
+            self.push_to_hub(repo_id or path.name, **hub_kwargs)
         return path
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        commit_message: str | None = None,
+        **kwargs: Any,
+    ):
+        """Create ``repo_id`` (if needed) and upload the :meth:`save_pretrained` folder in one commit.
+
+        Unlike transformers' generic ``push_to_hub`` this keeps our model card (with its metrics and
+        sample grid) instead of replacing it. Returns the ``CommitInfo``.
+        """
+        if kwargs:
+            raise TypeError(f"push_to_hub: unexpected arguments {sorted(kwargs)}")
+        return push_folder_to_hub(
+            self.save_pretrained,
+            repo_id,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=commit_message or "Upload MMGenerator",
+        )
+
     @classmethod
-    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> MMGenerator:
-        """Load a folder written by :meth:`save` (safetensors + JSON + SentencePiece; no pickle)."""
-        path = Path(path)
-        missing = [
-            name
-            for name in ("config.json", TEXT_TOKENIZER_FILE, IMAGE_TOKENIZER_DIR)
-            if not (path / name).exists()
-        ]
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        **kwargs: Any,
+    ) -> MMGenerator:
+        """Load a folder written by :meth:`save_pretrained`, or a Hub repo id holding one.
+
+        Loads safetensors, JSON and SentencePiece's own format only (nothing is unpickled, no code
+        from the folder runs, so ``trust_remote_code`` is never needed). Every component must be
+        present, and the image tokenizer must be the one the decoder was trained with (its
+        fingerprint is in ``mm_generator.json``); otherwise a clear error names what is wrong.
+        ``dtype``: e.g. ``torch.bfloat16`` for the decoder ("auto"/None: as saved, fp32).
+        """
+        # Arguments transformers.pipeline() passes to every model class; none changes what loads here.
+        for key in ("_from_pipeline", "trust_remote_code", "code_revision", "config", "use_safetensors"):
+            kwargs.pop(key, None)
+        if kwargs.pop("adapter_kwargs", None):
+            raise ValueError("MMGenerator folders carry no PEFT adapters (adapter_kwargs must be empty)")
+        device_map = kwargs.pop("device_map", None)
+        if kwargs:
+            raise TypeError(f"MMGenerator.from_pretrained: unexpected arguments {sorted(kwargs)}")
+        if device is None and isinstance(device_map, (str, torch.device)):
+            device = device_map
+        elif device_map is not None and not isinstance(device_map, (str, torch.device)):
+            raise ValueError("MMGenerator loads on one device: pass device= (or device_map='cpu'/'cuda:0')")
+        path = _resolve_folder(
+            pretrained_model_name_or_path,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+        )
+        missing = [name for name in REQUIRED if not (path / name).exists()]
         if missing:
-            raise FileNotFoundError(f"{path} is not an MMGenerator folder: missing {missing}")
-        decoder = MMDecoderForCausalLM.from_pretrained(path, use_safetensors=True)
+            raise FileNotFoundError(
+                f"{pretrained_model_name_or_path} is not a complete MMGenerator folder: missing {missing} "
+                f"(a folder holds {list(REQUIRED)}; write one with MMGenerator.save_pretrained)"
+            )
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ValueError(
+                f"{path / MANIFEST_FILE}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT}"
+            )
+        decoder_dtype = None if dtype in (None, "auto") else dtype
+        decoder = MMDecoderForCausalLM.from_pretrained(
+            path, use_safetensors=True, **({"dtype": decoder_dtype} if decoder_dtype is not None else {})
+        )
         image_tokenizer = ImageTokenizer.from_pretrained(path / IMAGE_TOKENIZER_DIR, use_safetensors=True)
-        gen = cls(decoder, TextTokenizer.load(path / TEXT_TOKENIZER_FILE), image_tokenizer)
+        expected = manifest.get("image_tokenizer_fingerprint")
+        found = tokenizer_fingerprint(image_tokenizer)
+        if expected != found:
+            raise ComponentMismatchError(
+                f"{path / IMAGE_TOKENIZER_DIR} is not the image tokenizer this decoder was trained with "
+                f"(fingerprint {found[:12]}…, the decoder expects {str(expected)[:12]}…): its codes would "
+                f"mean something else to the decoder"
+            )
+        sp_hash = manifest.get("text_tokenizer_sha256")
+        if sp_hash is not None and sp_hash != _sha256(path / TEXT_TOKENIZER_FILE):
+            raise ComponentMismatchError(
+                f"{path / TEXT_TOKENIZER_FILE} is not the text tokenizer saved with this decoder"
+            )
+        gen = cls(
+            decoder, TextTokenizer.load(path / TEXT_TOKENIZER_FILE), image_tokenizer, manifest.get("card")
+        )
+        gen.name_or_path = str(pretrained_model_name_or_path)
+        gen.config._name_or_path = str(pretrained_model_name_or_path)
         return gen.to(device) if device is not None else gen
 
     def _generator(self, seed: int | torch.Generator | None) -> torch.Generator:
@@ -112,13 +317,53 @@ class MMGenerator:
     def _grid(self, height: int | None, width: int | None) -> tuple[int, int]:
         height = self.resolution if height is None else height
         width = self.resolution if width is None else width
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value not in self.allowed_sizes():
+                sizes = self.allowed_sizes()
+                raise ValueError(
+                    f"{name}={value!r} is not an image size this model can generate: use a multiple of "
+                    f"{sizes[0]} from {sizes[0]} to {sizes[-1]} (trained at {self.resolution})"
+                )
         return self.image_tokenizer.token_grid(height, width)
+
+    def image_generators(
+        self, prompts: list[str], num_images_per_prompt: int, seed: int | torch.Generator | None
+    ) -> list[torch.Generator]:
+        """One generator per image, seeded from (seed, the prompt, the image's index for that prompt).
+
+        So an image depends only on its own prompt and seed, never on what else is in the batch: a
+        list of prompts gives the same images as one prompt at a time. A ``torch.Generator`` seed is
+        advanced once (one draw) to derive the base seed.
+        """
+        if isinstance(seed, torch.Generator):
+            base = int(torch.randint(0, 2**62, (1,), generator=seed, device=seed.device).item())
+        else:
+            base = 0 if seed is None else int(seed)
+        gens = []
+        for prompt in prompts:
+            for k in range(num_images_per_prompt):
+                digest = hashlib.sha256(f"{base}\x00{k}\x00{prompt}".encode()).hexdigest()
+                gens.append(torch.Generator(self.device).manual_seed(int(digest[:15], 16)))
+        return gens
+
+    def prompt_ids(self, prompt: str, max_tokens: int) -> list[int]:
+        """``<bos>`` + the prompt's ids, truncated (with a warning) to ``max_tokens``."""
+        ids = [self.text_tokenizer.bos_id, *self.text_tokenizer.encode(prompt)]
+        if len(ids) > max_tokens:
+            warnings.warn(
+                f"prompt of {len(ids)} tokens truncated to the {max_tokens} that fit the model's context "
+                f"({self.config.max_position} tokens, image included): {prompt[:60]!r}",
+                stacklevel=3,
+            )
+            ids = ids[:max_tokens]
+        return ids
 
     @torch.no_grad()
     def text_to_codes(
         self,
-        prompts: list[str],
+        prompts: str | list[str],
         *,
+        num_images_per_prompt: int = 1,
         height: int | None = None,
         width: int | None = None,
         guidance_scale: float = 1.5,
@@ -128,16 +373,32 @@ class MMGenerator:
         top_p: float | None = None,
         seed: int | torch.Generator | None = 0,
         batch_size: int = 64,
+        progress: bool = False,
     ) -> torch.Tensor:
-        """Image codes ``(N, h, w)`` for each prompt; the empty caption is the unconditional branch."""
+        """Image codes ``(N * num_images_per_prompt, h, w)``, prompt-major; the empty caption is the
+        unconditional branch of classifier-free guidance."""
         if not self.image_tokenizer.config.is_discrete:
             raise NotImplementedError("continuous image tokens need the diffusion head (not in this model)")
-        if isinstance(prompts, str):
-            prompts = [prompts]
+        prompts = check_prompts(prompts)
+        if (
+            isinstance(num_images_per_prompt, bool)
+            or not isinstance(num_images_per_prompt, int)
+            or num_images_per_prompt < 1
+        ):
+            raise ValueError(f"num_images_per_prompt must be an integer ≥ 1, got {num_images_per_prompt!r}")
+        if not guidance_scale >= 0:
+            raise ValueError(f"guidance_scale must be ≥ 0 (1 = no guidance), got {guidance_scale}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be ≥ 0 (0 = greedy), got {temperature}")
         h, w = self._grid(height, width)
-        generator = self._generator(seed)
-        tok, device = self.text_tokenizer, self.device
-        rows = [torch.tensor([tok.bos_id, *tok.encode(p)], dtype=torch.long, device=device) for p in prompts]
+        gens = self.image_generators(prompts, num_images_per_prompt, seed)
+        max_prompt = self.config.max_position - 3 - h * w  # <boi> <h> <w> and the codes follow
+        device = self.device
+        rows = [
+            torch.tensor(self.prompt_ids(p, max_prompt), dtype=torch.long, device=device)
+            for p in prompts
+            for _ in range(num_images_per_prompt)
+        ]
         out = []
         for part in _batches(len(rows), batch_size):
             out.append(
@@ -151,10 +412,11 @@ class MMGenerator:
                     temperature=temperature,
                     top_k=top_k,
                     top_p=top_p,
-                    generator=generator,
+                    generator=gens[part],
+                    progress=progress,
                 )
             )
-        return torch.cat(out) if out else torch.empty(0, h, w, dtype=torch.long, device=device)
+        return torch.cat(out)
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
@@ -221,3 +483,32 @@ class MMGenerator:
                 row = row[: row.index(cfg.eos_id)] if cfg.eos_id in row else row
                 captions.append(tok.decode([t for t in row if t != cfg.pad_id]))
         return captions
+
+
+def push_folder_to_hub(
+    save: Any,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str = "Upload model",
+):
+    """``save(tmp_dir)`` a folder, then create ``repo_id`` and upload it as one commit (huggingface_hub)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token, library_name="mmgen-toolkit")
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
+    if revision is not None and not revision.startswith("refs/pr"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        save(folder)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+        )

@@ -48,7 +48,6 @@ from ar_model.packing import IGNORE_INDEX, TokenBatch
 from ar_model.presets import PRESETS, count_parameters, preset_config
 from ar_model.text_tokenizer import TextTokenizer, train_text_tokenizer
 from tokenizers_mm.checkpoints import (
-    atomic_save_dir,
     atomic_write_text,
     latest_checkpoint,
     load_checkpoint,
@@ -292,6 +291,30 @@ def sample_grid(
     make_grid(pils, nrow=int(math.ceil(math.sqrt(len(pils))))).save(path)
 
 
+def training_card(cfg: TrainConfig, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What the model card records about this run: data, schedule and final numbers."""
+    keys = ("steps", "tokens_seen", "train_time_s", "num_processes", "params", "val_loss")
+    return {
+        "data": {
+            "train_data": list(cfg.train_data),
+            "train_num": list(cfg.train_nums) if cfg.train_nums else cfg.train_num,
+            "codes_data": list(cfg.codes_data),
+            "resolution": cfg.resolution,
+        },
+        "image_tokenizer": cfg.tokenizer,
+        "preset": cfg.preset,
+        "schedule": {
+            "max_len": cfg.max_len,
+            "tokens_per_batch": cfg.tokens_per_batch,
+            "lr": cfg.lr,
+            "t2i_fraction": cfg.t2i_fraction,
+            "caption_drop": cfg.caption_drop,
+        },
+        **{k: metrics[k] for k in keys if k in metrics},
+        "command": "accelerate launch -m ar_model.train " + " ".join(sys.argv[1:]),
+    }
+
+
 # ----------------------------------------------------------------------------- main
 def main(cfg: TrainConfig) -> dict[str, Any]:
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
@@ -479,20 +502,20 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             "num_processes": world,
             "rank_param_digests": digests,
         }
-        atomic_save_dir(out_dir / "final", lambda d: gen.save(d, decoder_state_dict=full_state))
-        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
         if prompts:
             sample_grid(gen, prompts, cfg, out_dir / "samples" / "final.png")
+            gen.card["sample_grid"] = str(out_dir / "samples" / "final.png")
+        gen.card["training"] = training_card(cfg, metrics)
+        gen.save_pretrained(out_dir / "final", decoder_state_dict=full_state)
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
         accelerator.print(
             f"final: val loss {metrics.get('val_loss', float('nan')):.4f}, "
             f"{metrics['tokens_per_s']:.0f} tok/s "
             f"→ {out_dir / 'final'}"
         )
         if cfg.push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
-
-            create_repo(cfg.hub_model_id, private=cfg.hub_private, exist_ok=True)
-            upload_folder(repo_id=cfg.hub_model_id, folder_path=str(out_dir / "final"))
+            gen.push_to_hub(cfg.hub_model_id, private=cfg.hub_private, commit_message=f"final, step {step}")
+            accelerator.print(f"pushed {out_dir / 'final'} to the Hub: {cfg.hub_model_id}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics

@@ -61,7 +61,7 @@ def evaluate(folder: Path, settings: dict, n_per_category: int, n_digits: int, n
     from ar_model.generator import MMGenerator
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
-    gen = MMGenerator.load(folder)
+    gen = MMGenerator.from_pretrained(folder)
     t2i = evaluate_text_to_image(gen, n_per_category=n_per_category, **settings)
     digits = evaluate_digits(gen, n_per_digit=n_digits, **settings)
     captions = evaluate_captions(gen, n=n_captions)

@@ -239,7 +239,7 @@ def step_evaluate_decoder(out: Path, preset: QuickstartPreset, model_dir: Path) 
     if _done(marker):
         print("[5/6] judge: done, skipping")
         return json.loads(marker.read_text())
-    gen = MMGenerator.load(model_dir)
+    gen = MMGenerator.from_pretrained(model_dir)
     t2i = evaluate_text_to_image(gen, n_per_category=preset.n_per_category)
     digits = evaluate_digits(gen, n_per_digit=preset.n_digits)
     captions = evaluate_captions(gen, n=preset.n_captions)

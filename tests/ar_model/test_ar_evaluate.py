@@ -164,7 +164,7 @@ def test_cli_writes_metrics_and_grids(tmp_path, monkeypatch, oracle, capsys):
 
     class FakeMMGenerator:
         @classmethod
-        def load(cls, path):
+        def from_pretrained(cls, path):
             loaded.append(path)
             return oracle
 

@@ -28,7 +28,7 @@ def test_quickstart_smoke_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert set(decoder["text_to_image"]) >= {"single", "two_objects", "position", "count", "overall"}
     from ar_model.generator import MMGenerator
 
-    gen = MMGenerator.load(out / "model")
+    gen = MMGenerator.from_pretrained(out / "model")
     assert gen.text_to_image(["a red circle"]).shape == (1, 3, 32, 32)
     last = capsys.readouterr().out.strip().splitlines()[-2:]
     assert last[0].startswith("model:") and last[1].startswith("report:")

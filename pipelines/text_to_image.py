@@ -1,0 +1,123 @@
+"""``pipeline("text-to-image", model=DIR_OR_REPO)``: prompts in, PIL images out.
+
+A thin :class:`transformers.Pipeline` over :meth:`ar_model.generator.MMGenerator.text_to_codes`:
+prompts are checked, batched (``batch_size``), sampled with classifier-free guidance and decoded
+by the model's own image tokenizer. Each image's randomness depends only on the seed, its prompt
+and its index for that prompt, so a list of prompts gives the same images as one prompt at a time.
+The pipeline loads no tokenizer or processor of transformers' own: everything is in the model folder.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import Pipeline
+
+from ar_model.generator import MMGenerator, check_prompts
+
+__all__ = ["TextToImagePipeline"]
+
+_CALL_KEYS = (
+    "num_images_per_prompt",
+    "guidance_scale",
+    "cfg_schedule",
+    "temperature",
+    "top_k",
+    "top_p",
+    "num_inference_steps",
+    "height",
+    "width",
+    "generator",
+    "batch_size",
+    "progress_bar",
+)
+
+
+def _to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """uint8 ``(N, 3, H, W)`` → N RGB images."""
+    pixels = images.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (N, H, W, 3)
+    return [Image.fromarray(np.ascontiguousarray(p), mode="RGB") for p in pixels]
+
+
+class TextToImagePipeline(Pipeline):
+    """Text-to-image generation with an :class:`~ar_model.generator.MMGenerator`.
+
+    Call arguments (each may also be given when the pipeline is built):
+
+    * ``num_images_per_prompt`` (1), ``guidance_scale`` (1.5; 1 = no guidance, ≥ 0),
+      ``cfg_schedule`` ("constant" | "linear"), ``temperature`` (1.0), ``top_k``, ``top_p``;
+    * ``height``, ``width``: pixels, a multiple of the tokenizer's factor (default: the training size);
+    * ``generator``: a ``torch.Generator`` or an int seed (None: drawn from torch's global RNG);
+    * ``batch_size`` (16) rows per forward pass; ``progress_bar`` (True) shows a tqdm bar per batch;
+    * ``num_inference_steps``: for diffusion-head models; ignored (with a warning) by discrete ones.
+
+    Returns ``[{"image": PIL.Image}, ...]`` (``num_images_per_prompt`` dicts) for one prompt and a
+    list of such lists for a list of prompts.
+    """
+
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+    _load_video_processor = False
+    _pipeline_calls_generate = False
+
+    def __init__(self, model: MMGenerator, *args: Any, **kwargs: Any) -> None:
+        if not isinstance(model, MMGenerator):
+            raise TypeError(
+                f"text-to-image needs an MMGenerator (a folder or repo id), got {type(model).__name__}"
+            )
+        # Stay on the device the model is on (CPU fp32 unless the user moved it), not transformers'
+        # default of the first accelerator.
+        kwargs.setdefault("device", model.device)
+        super().__init__(model, *args, **kwargs)
+
+    def _sanitize_parameters(self, **kwargs: Any) -> tuple[dict, dict, dict]:
+        unknown = sorted(set(kwargs) - set(_CALL_KEYS))
+        if unknown:
+            raise TypeError(f"text-to-image: unexpected arguments {unknown}; allowed: {list(_CALL_KEYS)}")
+        return {}, {k: v for k, v in kwargs.items() if v is not None}, {}
+
+    def __call__(self, prompts: str | list[str], **kwargs: Any) -> list:
+        single = isinstance(prompts, str)
+        prompts = check_prompts(prompts)
+        _, call_params, _ = self._sanitize_parameters(**kwargs)
+        params = {**self._forward_params, **call_params}
+        outputs = self.forward(self.preprocess(prompts), **params)
+        return self.postprocess(outputs, single=single)
+
+    def preprocess(self, prompts: list[str]) -> dict[str, Any]:
+        return {"prompts": prompts}
+
+    def _forward(self, model_inputs: dict[str, Any], **params: Any) -> dict[str, Any]:
+        model: MMGenerator = self.model
+        steps = params.pop("num_inference_steps", None)
+        if steps is not None and model.image_tokenizer.config.is_discrete:
+            warnings.warn(
+                "num_inference_steps applies to diffusion-head models; this model samples discrete codes "
+                "token by token, so it is ignored",
+                stacklevel=4,
+            )
+        generator = params.pop("generator", None)
+        if generator is None:
+            generator = int(torch.randint(0, 2**62, (1,)).item())
+        elif not isinstance(generator, (int, torch.Generator)) or isinstance(generator, bool):
+            raise TypeError(
+                f"generator must be a torch.Generator or an int seed, got {type(generator).__name__}"
+            )
+        batch_size = params.pop("batch_size", None) or self._batch_size or 16
+        progress = params.pop("progress_bar", True)
+        codes = model.text_to_codes(
+            model_inputs["prompts"], seed=generator, batch_size=batch_size, progress=progress, **params
+        )  # (N * k, h, w)
+        k = params.get("num_images_per_prompt", 1)
+        return {"images": model.decode_codes(codes), "per_prompt": k}
+
+    def postprocess(self, outputs: dict[str, Any], single: bool = False) -> list:
+        images, k = _to_pil(outputs["images"]), outputs["per_prompt"]
+        per_prompt = [[{"image": img} for img in images[i : i + k]] for i in range(0, len(images), k)]
+        return per_prompt[0] if single else per_prompt
