@@ -1,9 +1,10 @@
 """Atomic training checkpoints on top of accelerate's ``save_state``/``load_state``.
 
-A checkpoint is written into ``checkpoints/.tmp-step-N`` and renamed to ``checkpoints/step-N`` only
-when complete, so a process killed mid-write leaves the previous checkpoint loadable. accelerate
-saves the model as safetensors and loads optimizer, scheduler and RNG state with
-``torch.load(weights_only=True)``; our own trainer state is JSON. Nothing here unpickles.
+A checkpoint is written into ``checkpoints/.tmp-step-N``, flushed to disk, and renamed to
+``checkpoints/step-N`` only when complete (``trainer_state.json`` last), so a process killed
+mid-write leaves the previous checkpoint loadable; old checkpoints are renamed away before they are
+deleted. accelerate saves the model as safetensors and loads optimizer, scheduler and RNG state
+with ``torch.load(weights_only=True)``; our own trainer state is JSON. Nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{step}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for stale in root.glob(".*-step-*"):  # left by a process killed while saving or deleting
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
@@ -66,13 +67,42 @@ def save_checkpoint(
                 str(tmp / f"{name}.safetensors"),
             )
         atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
+        _fsync_tree(tmp)
+        if final.exists():  # only after a resume from an older step: retire it before the rename
+            _remove(final)
         os.replace(tmp, final)
+        _fsync_dir(root)
         for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _remove(ckpt: Path) -> None:
+    """Delete a checkpoint folder by renaming it out of sight first, so a kill mid-delete never leaves
+    a ``step-N`` folder that looks complete but lacks files."""
+    trash = ckpt.with_name(f".del-{ckpt.name}")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(ckpt, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` (and the folders) to disk before the rename publishes them."""
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(folder))
 
 
 def load_checkpoint(
@@ -92,6 +122,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import cpu_env, launch_cmd, run_launch
 from safetensors.torch import load_file
 
 from ar_model.generator import MMGenerator
@@ -130,34 +127,17 @@ def test_bad_arguments_fail_before_any_work(tmp_path, tokenizer_dir):
         main(_cfg(tmp_path, tokenizer_dir, max_len=32, tokens_per_batch=64))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_process_run_keeps_ranks_identical(tmp_path, tokenizer_dir):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     run = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
+    cmd = launch_cmd([
         "-m", "ar_model.train", "--tokenizer", str(tokenizer_dir), "--preset", "tiny",
         "--model", json.dumps(TINY_DECODER), "--train_num", "160", "--val_num", "16",
         "--max_len", "256", "--tokens_per_batch", "512", "--max_steps", "6", "--warmup_steps", "1",
         "--save_every", "3", "--eval_every", "3", "--num_sample_prompts", "2", "--output_dir", str(run),
-    ]  # fmt: skip
-    for attempt in range(2):  # a gloo rendezvous that hangs (rare, seen once here) gets one retry
-        cmd[cmd.index("--main_process_port") + 1] = str(_free_port())
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-            break
-        except subprocess.TimeoutExpired:
-            if attempt:
-                raise
+    ])  # fmt: skip
+    proc = run_launch(cmd, cpu_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["num_processes"] == 2

@@ -1,13 +1,11 @@
 """Short real training runs: in-process, resumed, and as 2 processes under accelerate launch."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import cpu_env, launch_cmd, run_launch
 from safetensors.torch import load_file
 
 from tokenizers_mm import ImageTokenizer
@@ -78,36 +76,17 @@ def test_raw_patches_need_no_training(tmp_path):
     assert metrics["psnr"] > 90  # lossless up to float rounding
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_process_run_keeps_ranks_identical(tmp_path):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     run = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
+    cmd = launch_cmd([
         "-m", "tokenizers_mm.train",
         "--preset", "vq-8x8", "--model", json.dumps({**TINY_MODEL, "vq_codebook_size": 64, "vq_dim": 4}),
         "--train_num", "256", "--eval_num", "16", "--batch_size", "16", "--max_steps", "8",
         "--warmup_steps", "1", "--log_every", "1", "--output_dir", str(run),
-    ]  # fmt: skip
-    for attempt in range(2):  # a gloo rendezvous that hangs (rare, seen once here) gets one retry
-        cmd[cmd.index("--main_process_port") + 1] = str(_free_port())
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-            break
-        except subprocess.TimeoutExpired:
-            if attempt:
-                raise
+    ])  # fmt: skip
+    proc = run_launch(cmd, cpu_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["num_processes"] == 2

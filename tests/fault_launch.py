@@ -1,0 +1,89 @@
+"""Run a trainer's ``main`` with one injected fault, for the kill -9 tests (a script for `accelerate launch`).
+
+    accelerate launch ... tests/fault_launch.py ar_model.train --key value ...
+
+The fault is read from the environment, so the trainer's own arguments pass through untouched:
+
+* ``FAULT=hang:K:N`` — after the checkpoint of step K is saved, run N more optimizer steps, then
+  every rank writes ``FAULT_DIR/hung-rank{R}`` and sleeps. The test SIGKILLs the process group
+  there: the checkpoint of step K is on disk and N steps past it are lost. A hook, not a race:
+  polling for a checkpoint and killing "soon after" would sometimes kill a finished run.
+* ``FAULT=kill_in_save:K`` — while the checkpoint of step K is written, the main process writes
+  half of ``optimizer.bin``, writes ``FAULT_DIR/killed`` and SIGKILLs itself (the launcher then
+  takes down the other ranks).
+
+Only the trainer module's references to ``save_checkpoint`` and ``guarded_update`` and accelerate's
+``checkpointing.save`` are wrapped; the training code itself runs unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _install(module, fault: str, fault_dir: Path) -> None:
+    kind, *args = fault.split(":")
+    rank = int(os.environ.get("RANK", "0"))
+    orig_save, orig_update = module.save_checkpoint, module.guarded_update
+
+    if kind == "hang":
+        k, extra = int(args[0]), int(args[1])
+        state = {"armed": False, "updates": 0}
+
+        def save_checkpoint(accelerator, output_dir, step, *a, **kw):
+            path = orig_save(accelerator, output_dir, step, *a, **kw)
+            state["armed"] = state["armed"] or step == k
+            return path
+
+        def guarded_update(*a, **kw):
+            if state["armed"]:
+                if state["updates"] == extra:
+                    (fault_dir / f"hung-rank{rank}").touch()
+                    time.sleep(3600)
+                state["updates"] += 1
+            return orig_update(*a, **kw)
+
+        module.save_checkpoint, module.guarded_update = save_checkpoint, guarded_update
+    elif kind == "kill_in_save":
+        import accelerate.checkpointing as ckpt
+
+        k = int(args[0])
+        orig_acc_save = ckpt.save
+
+        def dying_save(obj, f, *a, **kw):
+            if not str(f).endswith("optimizer.bin"):
+                return orig_acc_save(obj, f, *a, **kw)
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            data = buffer.getvalue()
+            with open(f, "wb") as out:
+                out.write(data[: len(data) // 2])
+                out.flush()
+                os.fsync(out.fileno())
+            (fault_dir / "killed").touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        def save_checkpoint(accelerator, output_dir, step, *a, **kw):
+            if step == k:
+                ckpt.save = dying_save
+            return orig_save(accelerator, output_dir, step, *a, **kw)
+
+        module.save_checkpoint = save_checkpoint
+    else:
+        raise SystemExit(f"unknown FAULT {fault!r}")
+
+
+if __name__ == "__main__":
+    trainer = importlib.import_module(sys.argv[1])
+    if os.environ.get("FAULT"):
+        _install(trainer, os.environ["FAULT"], Path(os.environ["FAULT_DIR"]))
+    trainer.main(trainer.parse_args(sys.argv[2:]))
+    sys.exit(0)

@@ -1,0 +1,100 @@
+"""Starting real `accelerate launch` runs from tests: free ports, CPU env, a retry on a hung rendezvous.
+
+Importable from every test file (``tests/conftest.py`` puts this folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+FAULT_LAUNCH = str(Path(__file__).with_name("fault_launch.py"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    """The environment of a CPU run: gloo, one thread per process, no Hub."""
+    return {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        **extra,
+    }
+
+
+def launch_cmd(target: list[str], num_processes: int = 2) -> list[str]:
+    """``accelerate launch`` of ``target`` (``["-m", "pkg.mod", ...]`` or ``[script, ...]``) on CPU."""
+    dist = ["--multi_gpu"] if num_processes > 1 else []
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", *dist, "--num_processes", str(num_processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), *target,
+    ]  # fmt: skip
+
+
+def _new_port(cmd: list[str]) -> None:
+    cmd[cmd.index("--main_process_port") + 1] = str(free_port())
+
+
+def run_launch(cmd: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``cmd`` to completion; a gloo rendezvous that hangs (rare, seen once here) gets one retry."""
+    for attempt in range(2):
+        _new_port(cmd)
+        try:
+            return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the whole process group of ``proc`` (the launcher and every rank) and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def run_until(
+    cmd: list[str], env: dict[str, str], ready: Callable[[], bool], log: Path, timeout: float = 300
+) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group and poll until ``ready()``; the caller kills or waits.
+
+    Output goes to ``log``. If the run exits first, or ``ready()`` is not reached within ``timeout``
+    (a hung rendezvous), it is killed and retried once with a fresh port before failing.
+    """
+    for attempt in range(2):
+        _new_port(cmd)
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():
+                return proc
+            if proc.poll() is not None:
+                raise AssertionError(f"run exited with {proc.returncode} before it was ready:\n{_tail(log)}")
+            time.sleep(0.2)
+        kill_group(proc)
+        if attempt:
+            raise AssertionError(f"run not ready after {timeout}s:\n{_tail(log)}")
+    raise AssertionError("unreachable")
+
+
+def _tail(log: Path, n: int = 4000) -> str:
+    return log.read_text(errors="replace")[-n:]
