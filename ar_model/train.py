@@ -56,7 +56,7 @@ from tokenizers_mm.checkpoints import (
 from tokenizers_mm.config_io import ConfigError, load_config, to_dict
 from tokenizers_mm.modeling import ImageTokenizer
 from tokenizers_mm.train import param_digest
-from tokenizers_mm.train_step import NonfiniteGuard, guarded_update
+from tokenizers_mm.train_step import NonfiniteGuard, check_finite_weights, guarded_update
 
 
 @dataclass
@@ -470,12 +470,14 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
                 "tokens_seen": tokens_seen,
                 "nonfinite_total": guard.total,
             }
+            check_finite_weights(accelerator, {"model": model, "ema": ema}, f"checkpoint step-{step}")
             save_checkpoint(accelerator, out_dir, step, state, extras, keep=cfg.keep_checkpoints)
     bar.close()
     train_time = time.time() - t0
 
     # ---- final folder and metrics
     accelerator.wait_for_everyone()
+    check_finite_weights(accelerator, {"model": model, "ema": ema}, "the final folder")
     # Replicas must hold identical weights after DDP training; record every rank's digest to prove it.
     # (FSDP shards differ by design; their full weights are gathered instead.)
     digests = [] if collective else gather_object([param_digest(accelerator.unwrap_model(model))])

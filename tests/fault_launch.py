@@ -13,7 +13,8 @@ The fault is read from the environment, so the trainer's own arguments pass thro
   takes down the other ranks).
 
 Only the trainer module's references to ``save_checkpoint`` and ``guarded_update`` and accelerate's
-``checkpointing.save`` are wrapped; the training code itself runs unchanged.
+``checkpointing.save`` are wrapped; the training code itself runs unchanged. In-process tests import
+:func:`poisoning_update` from here to inject non-finite losses and gradients the same way.
 """
 
 from __future__ import annotations
@@ -27,6 +28,29 @@ import time
 from pathlib import Path
 
 import torch
+
+
+def poisoning_update(orig_update, poison: dict[int, str]):
+    """Wrap a trainer's ``guarded_update`` so that its ``n``-th call (1-based) sees a poisoned loss.
+
+    ``poison[n]`` is ``"nan_loss"`` (the loss is NaN) or ``"nan_grad"`` (the loss stays finite, its
+    gradient is NaN: d sqrt(u)/du is inf at u = 0, times d|x|/dx = 0). Calls are counted in ``.calls``.
+    """
+
+    def update(accelerator, loss, *args, **kwargs):
+        update.calls += 1
+        kind = poison.get(update.calls)
+        if kind == "nan_loss":
+            loss = loss * float("nan")
+        elif kind == "nan_grad":
+            loss = loss + torch.sqrt((loss * 0).abs())
+            assert torch.isfinite(loss)
+        elif kind is not None:
+            raise ValueError(f"unknown poison {kind!r}")
+        return orig_update(accelerator, loss, *args, **kwargs)
+
+    update.calls = 0
+    return update
 
 
 def _install(module, fault: str, fault_dir: Path) -> None:

@@ -42,7 +42,7 @@ from tokenizers_mm.evaluate import evaluate_tokenizer, reconstruction_grid
 from tokenizers_mm.metrics import psnr, ssim
 from tokenizers_mm.modeling import ImageTokenizer
 from tokenizers_mm.presets import PRESETS, preset_config
-from tokenizers_mm.train_step import NonfiniteGuard, guarded_update
+from tokenizers_mm.train_step import NonfiniteGuard, check_finite_weights, guarded_update
 
 
 @dataclass
@@ -329,6 +329,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             extras = {"ema": ema.state_dict()} if ema is not None else None
             state = {"step": step, "micro_step": micro, "nonfinite_total": guard.total}
+            check_finite_weights(accelerator, {"model": model, "ema": ema}, f"checkpoint step-{step}")
             save_checkpoint(accelerator, out_dir, step, state, extras, keep=cfg.keep_checkpoints)
     bar.close()
     train_time = time.time() - t0
@@ -367,6 +368,7 @@ def _finish(
 ) -> dict[str, Any]:
     """Evaluate, store latent stats, and write the final folder, metrics.json and a reconstruction grid."""
     accelerator.wait_for_everyone()
+    check_finite_weights(accelerator, {"model": model, "ema": ema}, "the final folder")
     # Replicas must hold identical weights after DDP training; record every rank's digest to prove it.
     digests = gather_object([param_digest(accelerator.unwrap_model(model))])
     if len(set(digests)) != 1:

@@ -2,7 +2,9 @@
 
 A non-finite loss (on any rank) or gradient norm skips the update; every rank takes the same branch,
 or DDP's collectives would deadlock. :class:`NonfiniteGuard` counts skipped steps and stops the run
-after ``max_in_a_row`` consecutive ones, so no non-finite weights are ever saved.
+after ``max_in_a_row`` consecutive ones. :func:`check_finite_weights` runs before every checkpoint and
+final save, so no non-finite weights are ever written (a finite gradient can still overflow a weight,
+and an EMA copy never sees the loss).
 """
 
 from __future__ import annotations
@@ -55,3 +57,20 @@ class NonfiniteGuard:
                 "Lower lr or check the data."
             )
         return True
+
+
+def nonfinite_weights(module: torch.nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``module`` holding NaN or inf (local shards)."""
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return [n for n, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def check_finite_weights(accelerator, modules: dict[str, torch.nn.Module | None], where: str) -> None:
+    """Raise on every rank if any rank holds a non-finite weight; call before writing ``where``."""
+    bad = [f"{label}.{n}" for label, m in modules.items() if m is not None for n in nonfinite_weights(m)]
+    flag = torch.tensor(float(bool(bad)), device=accelerator.device)
+    if accelerator.reduce(flag, "max") > 0:
+        raise RuntimeError(
+            f"non-finite weights ({', '.join(bad[:5]) or 'on another process'}) before writing {where}; "
+            "nothing was saved. Lower lr or check the data."
+        )
