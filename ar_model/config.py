@@ -231,6 +231,17 @@ class MMDecoderConfig(PretrainedConfig):
         """The flow loss's :class:`FlowLossConfig`; None for a discrete model."""
         return FlowLossConfig.from_any(self.flow_loss) if self.latent_dim else None
 
+    def check_latent_dim(self, dim: int | None, source: str = "the image tokenizer") -> None:
+        """ValueError unless ``source``'s continuous tokens (``dim`` channels; None = discrete) fit this
+        decoder's ``latent_dim`` (e.g. ``ImageTokenizerConfig.token_dim`` of a continuous or raw-patch
+        tokenizer, checked when a decoder and its tokenizer are loaded together)."""
+        want = self.latent_dim or None
+        if dim != want:
+            raise ValueError(
+                f"latent dimension mismatch: the decoder takes {want or 'no'} continuous channels "
+                f"(latent_dim={self.latent_dim}), {source} gives {dim or 'discrete codes'}"
+            )
+
     @property
     def latent_token_id(self) -> int | None:
         """Placeholder id in ``input_ids`` at continuous-latent positions (image code 0); None if discrete."""

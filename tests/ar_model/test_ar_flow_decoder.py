@@ -337,6 +337,13 @@ def test_config_checks_latent_fields(text_tokenizer: TextTokenizer) -> None:
     )
     assert cfg.head_config.shortcut_levels == 0 and cfg.flow_loss_config.samples_per_position == 4
     assert cfg.latent_token_id == cfg.code_offset
+    cfg.check_latent_dim(4)
+    for wrong in (3, None):
+        with pytest.raises(ValueError, match="latent dimension mismatch"):
+            cfg.check_latent_dim(wrong)
+    MMDecoderConfig(**layout).check_latent_dim(None)  # discrete decoder, discrete tokenizer
+    with pytest.raises(ValueError, match="latent dimension mismatch"):
+        MMDecoderConfig(**layout).check_latent_dim(4)
 
 
 # ----------------------------------------------------------------------------- bad input
