@@ -368,3 +368,43 @@ def test_bad_latents_are_errors(text_tokenizer: TextTokenizer) -> None:
     )
     with pytest.raises(ValueError, match="discrete"):
         discrete(ids, latents=lat, latent_mask=mask)
+
+
+# ----------------------------------------------------------------------------- precision and checkpointing
+def _packed(tok: TextTokenizer, model: MMDecoderForCausalLM) -> dict:
+    seqs = _sequences(tok, model)
+    docs = _with_latents([s.as_document() for s in seqs])
+    batch = build_packed_batch(docs, pack_documents([len(s) for s in seqs], 64), pad_id=tok.pad_id)
+    return dict(
+        input_ids=batch["input_ids"],
+        positions=batch["positions"],
+        seq_lens=batch.seq_lens,
+        labels=batch["labels"],
+        latents=batch["latents"],
+        latent_mask=batch["latent_mask"],
+    )
+
+
+def test_flow_loss_is_fp32_under_bf16(text_tokenizer: TextTokenizer) -> None:
+    model = continuous_model(text_tokenizer)
+    batch = _packed(text_tokenizer, model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch, flow_generator=torch.Generator().manual_seed(0))
+    assert out.flow_loss.dtype == torch.float32 and out.loss.dtype == torch.float32
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.model.latent_proj.weight.grad is not None
+    bf16 = continuous_model(text_tokenizer).to(torch.bfloat16)  # bf16 weights, fp32 latents
+    out = bf16(**batch, flow_generator=torch.Generator().manual_seed(0))
+    assert out.flow_loss.dtype == torch.float32 and torch.isfinite(out.loss)
+
+
+def test_gradient_checkpointing_with_latents(text_tokenizer: TextTokenizer) -> None:
+    grads = []
+    for ckpt in (False, True):
+        model = continuous_model(text_tokenizer, gradient_checkpointing=ckpt).train()
+        out = model(**_packed(text_tokenizer, model), flow_generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        grads.append((out.loss.detach(), model.model.latent_proj.weight.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
