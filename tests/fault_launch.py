@@ -14,7 +14,8 @@ The fault is read from the environment, so the trainer's own arguments pass thro
 
 Only the trainer module's references to ``save_checkpoint`` and ``guarded_update`` and accelerate's
 ``checkpointing.save`` are wrapped; the training code itself runs unchanged. In-process tests import
-:func:`poisoning_update` from here to inject non-finite losses and gradients the same way.
+:func:`poisoning_update` (non-finite losses and gradients) and :class:`PicklePayload` (a hostile
+pickle) from here.
 """
 
 from __future__ import annotations
@@ -28,6 +29,23 @@ import time
 from pathlib import Path
 
 import torch
+
+
+class PicklePayload:
+    """Unpickling this object writes ``marker``: what a malicious checkpoint or dataset would do.
+
+    The pickle refers only to ``builtins.exec``, so it runs wherever it is unpickled.
+    """
+
+    def __init__(self, marker: str | os.PathLike):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('pwned')",)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a torch file (zip + data.pkl) whose tensors dict holds the payload."""
+        torch.save({"weight": self}, path)
 
 
 def poisoning_update(orig_update, poison: dict[int, str]):

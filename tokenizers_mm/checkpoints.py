@@ -109,6 +109,11 @@ def load_checkpoint(
     accelerator: Any, ckpt: Path
 ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """Restore accelerate state from ``ckpt``; return the trainer state and the extra safetensors files."""
+    from accelerate.utils import load
+
+    # accelerate skips an unreadable RNG file with a log line and resumes with the wrong RNG state;
+    # read it first (weights_only=True, as accelerate does) so a corrupt or planted file is an error.
+    load(ckpt / f"random_states_{accelerator.process_index}.pkl")
     accelerator.load_state(str(ckpt))
     state = json.loads((ckpt / TRAINER_STATE).read_text())
     extras = {p.stem: load_file(str(p)) for p in ckpt.glob("*.safetensors") if not p.stem.startswith("model")}

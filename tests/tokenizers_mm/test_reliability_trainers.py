@@ -1,7 +1,8 @@
-"""Non-finite losses, gradients and weights in real short runs of both trainers (Stage 1 and Stage 2).
+"""Reliability of both trainers (Stage 1 and Stage 2) in real short in-process runs.
 
-Both trainers share ``tokenizers_mm.train_step`` (the guarded update, the guard, the finite-weights
-check), so each test runs once per trainer. NaN is injected through the trainer's own
+Non-finite losses, gradients and weights, and planted pickles in a resume checkpoint. Both trainers
+share ``tokenizers_mm.train_step`` (the guarded update, the guard, the finite-weights check) and
+``tokenizers_mm.checkpoints``, so each test runs once per trainer. NaN is injected through the trainer's own
 ``guarded_update`` reference (``fault_launch.poisoning_update``), so detection, skipping, counting and
 stopping are the trainers' real code paths.
 """
@@ -9,11 +10,12 @@ stopping are the trainers' real code paths.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
-from fault_launch import poisoning_update
+from fault_launch import PicklePayload, poisoning_update
 from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel
 
@@ -127,3 +129,27 @@ def test_non_finite_weights_are_never_saved(trainer, tmp_path, monkeypatch, corr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == saved  # no temp folder either
     assert not (run / "final").exists()
     _all_finite(run)
+
+
+def test_the_planted_payload_is_live(tmp_path):
+    """Control for the refusal tests: loaded without ``weights_only`` the payload does run."""
+    PicklePayload(tmp_path / "pwned").save(tmp_path / "evil.bin")
+    torch.load(tmp_path / "evil.bin", weights_only=False)
+    assert (tmp_path / "pwned").read_text() == "pwned"
+
+
+@pytest.mark.parametrize(
+    "planted", ["optimizer.bin", "scheduler.bin", "random_states_0.pkl", "pytorch_model.bin"]
+)
+def test_resume_refuses_a_pickle_planted_in_the_checkpoint(trainer, tmp_path, planted):
+    module, cfg = trainer
+    module.main(cfg(max_steps=3, save_every=2))
+    (ckpt,) = list_checkpoints(tmp_path / "run")
+    assert (ckpt / planted).is_file() or planted == "pytorch_model.bin"
+    if planted == "pytorch_model.bin":  # weights as a torch file instead of safetensors
+        (ckpt / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    PicklePayload(marker).save(ckpt / planted)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        module.main(cfg(max_steps=3, save_every=2, resume=True))
+    assert not marker.exists()
