@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+from transformers import AutoModelForImageTextToText, PreTrainedModel
 
 from ar_model.config import MMDecoderConfig
 from ar_model.generation import generate_image_codes, generate_tokens
@@ -190,8 +190,6 @@ class MMGenerator(PreTrainedModel):
             grid = card.pop("sample_grid", None)
             if grid is not None and Path(grid).is_file():
                 shutil.copyfile(grid, tmp / SAMPLE_GRID_FILE)
-            elif (Path(save_directory) / SAMPLE_GRID_FILE).is_file():
-                shutil.copyfile(Path(save_directory) / SAMPLE_GRID_FILE, tmp / SAMPLE_GRID_FILE)
             has_grid = (tmp / SAMPLE_GRID_FILE).is_file()
             manifest = {**self.manifest(), "card": card}
             manifest["text_tokenizer_sha256"] = _sha256(tmp / TEXT_TOKENIZER_FILE)
@@ -300,9 +298,10 @@ class MMGenerator(PreTrainedModel):
             raise ComponentMismatchError(
                 f"{path / TEXT_TOKENIZER_FILE} is not the text tokenizer saved with this decoder"
             )
-        gen = cls(
-            decoder, TextTokenizer.load(path / TEXT_TOKENIZER_FILE), image_tokenizer, manifest.get("card")
-        )
+        card = dict(manifest.get("card") or {})
+        if (path / SAMPLE_GRID_FILE).is_file():  # carried along when this model is saved or pushed again
+            card["sample_grid"] = str(path / SAMPLE_GRID_FILE)
+        gen = cls(decoder, TextTokenizer.load(path / TEXT_TOKENIZER_FILE), image_tokenizer, card)
         gen.name_or_path = str(pretrained_model_name_or_path)
         gen.config._name_or_path = str(pretrained_model_name_or_path)
         return gen.to(device) if device is not None else gen
@@ -496,7 +495,7 @@ def push_folder_to_hub(
     commit_message: str = "Upload model",
 ):
     """``save(tmp_dir)`` a folder, then create ``repo_id`` and upload it as one commit (huggingface_hub)."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi(token=token, library_name="mmgen-toolkit")
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
@@ -505,10 +504,21 @@ def push_folder_to_hub(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         save(folder)
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(folder),
+        # One commit with every file of the folder (CommitOperationAdd per file, paths relative to it).
+        operations = [
+            CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+            for path in sorted(folder.rglob("*"))
+            if path.is_file()
+        ]
+        return api.create_commit(
+            repo_id,
+            operations,
             commit_message=commit_message,
             revision=revision,
             create_pr=create_pr,
         )
+
+
+# `AutoModelForImageTextToText.from_pretrained(DIR)` loads the whole folder (the decoder's own Auto
+# entries are in ar_model.modeling); transformers 5's pipeline("image-to-text") looks here.
+AutoModelForImageTextToText.register(MMDecoderConfig, MMGenerator, exist_ok=True)

@@ -3,18 +3,17 @@
 * ``PIPELINE_REGISTRY``: ``"text-to-image"`` → :class:`TextToImagePipeline` and ``"image-to-text"`` →
   :class:`ImageToTextPipeline`, both over :class:`~ar_model.generator.MMGenerator`, so
   ``transformers.pipeline(task, model=DIR_OR_REPO)`` loads our folder with no ``trust_remote_code``.
-* ``AutoModelForImageTextToText``: the ``mm_decoder`` config type → ``MMGenerator`` (the decoder's own
-  ``AutoModel``/``AutoModelForCausalLM`` entries are registered by :mod:`ar_model.modeling`). transformers
-  5 sends ``pipeline("image-to-text", ...)`` to that Auto class; with
-  ``pipeline_class=ImageToTextPipeline`` the call then loads and runs our model.
+
+The Auto classes are registered by importing :mod:`ar_model`: ``AutoConfig``/``AutoModel``/
+``AutoModelForCausalLM`` for the decoder (:mod:`ar_model.modeling`) and ``AutoModelForImageTextToText``
+→ ``MMGenerator`` (:mod:`ar_model.generator`). transformers 5 sends ``pipeline("image-to-text", ...)``
+to that Auto class; with ``pipeline_class=ImageToTextPipeline`` the call then loads and runs our model.
 """
 
 from __future__ import annotations
 
-from transformers import AutoModelForImageTextToText
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from ar_model.config import MMDecoderConfig
 from ar_model.generator import MMGenerator
 from pipelines.image_to_text import ImageToTextPipeline
 from pipelines.text_to_image import TextToImagePipeline
@@ -30,10 +29,6 @@ def register() -> None:
             PIPELINE_REGISTRY.register_pipeline(
                 task, pipeline_class=cls, pt_model=MMGenerator, type="multimodal"
             )
-    try:
-        AutoModelForImageTextToText.register(MMDecoderConfig, MMGenerator, exist_ok=True)
-    except ValueError:  # another class already holds the slot: leave it
-        pass
 
 
 register()

@@ -1,0 +1,120 @@
+"""pipeline("text-to-image"): shapes, determinism, batching invariance, progress bar, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import pipeline
+
+import pipelines  # noqa: F401  (registers the tasks)
+from pipelines import TextToImagePipeline
+
+
+@pytest.fixture(scope="module")
+def t2i(model_dir):
+    return pipeline("text-to-image", model=str(model_dir))
+
+
+def _arrays(results) -> list[np.ndarray]:
+    return [np.asarray(r["image"]) for r in results]
+
+
+def test_loads_through_transformers_pipeline_on_cpu_fp32(t2i):
+    assert isinstance(t2i, TextToImagePipeline)
+    assert t2i.device.type == "cpu"
+    assert t2i.model.decoder.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_returns_the_requested_number_of_pil_images_of_the_right_size(t2i):
+    out = t2i("a red circle", num_images_per_prompt=3, generator=0, progress_bar=False)
+    assert len(out) == 3
+    for item in out:
+        assert set(item) == {"image"} and isinstance(item["image"], Image.Image)
+        assert item["image"].size == (32, 32) and item["image"].mode == "RGB"
+    several = t2i(["a red circle", "two blue squares"], num_images_per_prompt=2, progress_bar=False)
+    assert [len(x) for x in several] == [2, 2]
+
+
+def test_same_seed_same_images_and_other_seed_other_images(t2i):
+    a = _arrays(t2i("a green triangle", num_images_per_prompt=2, generator=7, progress_bar=False))
+    b = _arrays(t2i("a green triangle", num_images_per_prompt=2, generator=7, progress_bar=False))
+    c = _arrays(t2i("a green triangle", num_images_per_prompt=2, generator=8, progress_bar=False))
+    assert all((x == y).all() for x, y in zip(a, b))
+    assert any((x != y).any() for x, y in zip(a, c))
+    assert (a[0] != a[1]).any()  # two images of one prompt are different samples
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    d = _arrays(t2i("a green triangle", generator=g1, progress_bar=False))
+    e = _arrays(t2i("a green triangle", generator=g2, progress_bar=False))
+    assert (d[0] == e[0]).all()
+
+
+def test_a_list_of_prompts_is_batched_and_equals_one_prompt_at_a_time(t2i):
+    prompts = ["a red circle", "two blue squares left of a yellow triangle", ""]
+    batched = t2i(prompts, num_images_per_prompt=2, generator=11, progress_bar=False)
+    for prompt, images in zip(prompts, batched):
+        alone = t2i(prompt, num_images_per_prompt=2, generator=11, progress_bar=False)
+        assert all((x == y).all() for x, y in zip(_arrays(images), _arrays(alone)))
+    tiny_batches = t2i(prompts, num_images_per_prompt=2, generator=11, batch_size=1, progress_bar=False)
+    for a, b in zip(batched, tiny_batches):
+        assert all((x == y).all() for x, y in zip(_arrays(a), _arrays(b)))
+
+
+def test_guidance_changes_the_images_and_scale_one_is_unguided(t2i, model_dir):
+    one = _arrays(t2i("a red circle", guidance_scale=1.0, generator=3, progress_bar=False))
+    gen = t2i.model
+    codes = gen.text_to_codes(["a red circle"], guidance_scale=1.0, seed=3)
+    assert (np.asarray(one[0]) == gen.decode_codes(codes)[0].permute(1, 2, 0).numpy()).all()
+    strong = _arrays(t2i("a red circle", guidance_scale=5.0, generator=3, progress_bar=False))
+    assert (one[0] != strong[0]).any()
+
+
+def test_progress_bar_can_be_turned_off(t2i, capsys):
+    t2i("a red circle", generator=0)
+    assert "image tokens" in capsys.readouterr().err
+    t2i("a red circle", generator=0, progress_bar=False)
+    assert "image tokens" not in capsys.readouterr().err
+
+
+def test_other_sizes_on_the_token_grid_are_generated(t2i):
+    out = t2i("a red circle", height=16, width=24, generator=0, progress_bar=False)
+    assert out[0]["image"].size == (24, 16)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"prompts": []}, ValueError, "empty list"),
+        ({"prompts": ["a red circle", 3]}, TypeError, "item 1 is a int"),
+        ({"prompts": None}, TypeError, "string or a list of strings"),
+        ({"height": 30}, ValueError, "multiple of 4"),
+        ({"width": 0}, ValueError, "multiple of 4"),
+        ({"guidance_scale": -1.0}, ValueError, "guidance_scale must be ≥ 0"),
+        ({"num_images_per_prompt": 0}, ValueError, "num_images_per_prompt must be an integer ≥ 1"),
+        ({"temperature": -0.5}, ValueError, "temperature must be ≥ 0"),
+        ({"generator": "seed"}, TypeError, "generator must be a torch.Generator or an int"),
+        ({"steps": 4}, TypeError, "unexpected arguments ['steps']"),
+    ],
+)
+def test_bad_arguments_get_a_clear_error(t2i, kwargs, error, message):
+    kwargs = dict(kwargs)
+    prompts = kwargs.pop("prompts", "a red circle")
+    with pytest.raises(error) as info:
+        t2i(prompts, progress_bar=False, **kwargs)
+    assert message in str(info.value)
+
+
+def test_a_prompt_longer_than_the_context_is_truncated_with_a_warning(t2i):
+    context = t2i.model.config.max_position
+    long = " ".join(["a red circle left of a blue square"] * context)  # well over the context
+    with pytest.warns(UserWarning, match="truncated"):
+        out = t2i(long, generator=0, progress_bar=False)
+    assert out[0]["image"].size == (32, 32)
+
+
+def test_num_inference_steps_is_ignored_with_a_warning_by_a_discrete_model(t2i):
+    with pytest.warns(UserWarning, match="num_inference_steps"):
+        a = t2i("a red circle", generator=0, num_inference_steps=4, progress_bar=False)
+    b = t2i("a red circle", generator=0, progress_bar=False)
+    assert (np.asarray(a[0]["image"]) == np.asarray(b[0]["image"])).all()
