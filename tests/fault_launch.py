@@ -48,6 +48,25 @@ class PicklePayload:
         torch.save({"weight": self}, path)
 
 
+def plant_remote_code(folder: str | os.PathLike, marker: str | os.PathLike) -> None:
+    """Make a model folder ask for its own code: ``auto_map`` in ``config.json`` pointing at modules
+    in the folder that write ``marker`` when imported (what ``trust_remote_code=True`` would run)."""
+    import json
+
+    folder = Path(folder)
+    code = f"open({str(marker)!r}, 'w').write('pwned')\n"
+    (folder / "configuration_evil.py").write_text(
+        code + "from transformers import PretrainedConfig as Evil\n"
+    )
+    (folder / "modeling_evil.py").write_text(code + "from transformers import PreTrainedModel as Evil\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {
+        "AutoConfig": "configuration_evil.Evil",
+        **{auto: "modeling_evil.Evil" for auto in ("AutoModel", "AutoModelForCausalLM")},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+
+
 def poisoning_update(orig_update, poison: dict[int, str]):
     """Wrap a trainer's ``guarded_update`` so that its ``n``-th call (1-based) sees a poisoned loss.
 
