@@ -376,6 +376,25 @@ def step_report(
     return rep / "report.md"
 
 
+def record_metrics_in_card(model_dir: Path, tokenizer: dict[str, Any], decoder: dict[str, Any]) -> None:
+    """Put the judged scores and tokenizer metrics into the model folder's card (README.md)."""
+    from ar_model.generator import MMGenerator
+
+    gen = MMGenerator.from_pretrained(model_dir)
+    wanted = {
+        "judge": {
+            "text_to_image": decoder["text_to_image"],
+            "digits_accuracy": decoder["digits"]["accuracy"],
+            "captions": decoder["captions"],
+            "sampling": decoder.get("sampling", {}),
+        },
+        "tokenizer": {name: {k: m[k] for k in ("psnr", "ssim") if k in m} for name, m in tokenizer.items()},
+    }
+    if gen.card.get("metrics") != wanted:
+        gen.card["metrics"] = wanted
+        gen.save_pretrained(model_dir)
+
+
 def main(argv: list[str] | None = None) -> Path:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -409,6 +428,7 @@ def main(argv: list[str] | None = None) -> Path:
         atomic_save_dir(model, lambda d: shutil.copytree(decoder, d, dirs_exist_ok=True))
     print("[5/6] judge text-to-image, digits and captions")
     decoder_metrics = step_evaluate_decoder(out, preset, model)
+    record_metrics_in_card(model, metrics, decoder_metrics)
     print("[6/6] report")
     report = step_report(out, args, metrics, argv, decoder_metrics)
     print(f"done in {time.time() - t0:.0f} s")

@@ -107,3 +107,18 @@ def test_the_trainer_pushes_its_final_folder(tmp_path, fake_hub, model_dir):
     assert {"config.json", "model.safetensors", "text_tokenizer.model", "mm_generator.json"} <= set(paths)
     snapshot = next((tmp_path / "hub" / "models--user--pushed" / "snapshots").iterdir())
     MMGenerator.from_pretrained(snapshot)  # a complete, loadable folder
+
+
+def test_a_stage1_tokenizer_round_trips_through_the_hub(fake_hub, make_tokenizer, tmp_path):
+    """The Stage-1 trainer's push (transformers' own push_to_hub) and loading it back by repo id."""
+    import torch
+
+    from tokenizers_mm import ImageTokenizer
+
+    tok = ImageTokenizer.from_pretrained(make_tokenizer(tmp_path / "tok", seed=3))
+    tok.push_to_hub("user/tok", private=True)
+    [(repo, _, paths)] = fake_hub.commits
+    assert repo == "user/tok" and {"config.json", "model.safetensors"} <= set(paths)
+    again = ImageTokenizer.from_pretrained("user/tok", cache_dir=fake_hub.cache, local_files_only=True)
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(tok.encode(pixels), again.encode(pixels))

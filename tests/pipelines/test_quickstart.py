@@ -26,10 +26,14 @@ def test_quickstart_smoke_runs_end_to_end_and_resumes(tmp_path, capsys):
         assert (out / "report" / name).is_file(), name
     decoder = json.loads((out / "eval" / "decoder_metrics.json").read_text())
     assert set(decoder["text_to_image"]) >= {"single", "two_objects", "position", "count", "overall"}
-    from ar_model.generator import MMGenerator
+    from transformers import pipeline
 
-    gen = MMGenerator.from_pretrained(out / "model")
-    assert gen.text_to_image(["a red circle"]).shape == (1, 3, 32, 32)
+    import pipelines  # noqa: F401  (registers the task)
+
+    t2i = pipeline("text-to-image", model=str(out / "model"))
+    assert t2i("a red circle", progress_bar=False)[0]["image"].size == (32, 32)
+    card = (out / "model" / "README.md").read_text()
+    assert "judge.text_to_image.single" in card and "tokenizer.shapes.psnr" in card
     last = capsys.readouterr().out.strip().splitlines()[-2:]
     assert last[0].startswith("model:") and last[1].startswith("report:")
 
