@@ -1,12 +1,13 @@
 """Stage 2: the interleaved decoder (see issue 3)."""
 
 from ar_model.attention import KVCache
-from ar_model.config import ATTN_IMPLS, MMDecoderConfig, vocab_layout
+from ar_model.config import ATTN_IMPLS, IMAGE_ATTENTIONS, MMDecoderConfig, vocab_layout
 from ar_model.diffusion_head import DiffusionHead, DiffusionHeadConfig
 from ar_model.flow_matching import FlowLoss, FlowLossConfig, flow_matching_loss
 from ar_model.flow_sampler import sample_flow
 from ar_model.generation import generate_image_codes, generate_tokens, sample_logits
 from ar_model.generator import MMGenerator
+from ar_model.image_blocks import image_block_ids, sample_visible_latents
 from ar_model.modeling import MMCausalLMOutput, MMDecoderForCausalLM, MMDecoderModel
 from ar_model.packing import PackPlan, TokenBatch, build_packed_batch, build_padded_batch, pack_documents
 from ar_model.positions import document_positions, multimodal_positions
@@ -21,6 +22,7 @@ __all__ = [
     "DiffusionHeadConfig",
     "FlowLoss",
     "FlowLossConfig",
+    "IMAGE_ATTENTIONS",
     "KVCache",
     "MMCausalLMOutput",
     "MMDecoderConfig",
@@ -41,6 +43,7 @@ __all__ = [
     "flow_matching_loss",
     "generate_image_codes",
     "generate_tokens",
+    "image_block_ids",
     "image_to_text_document",
     "multimodal_positions",
     "pack_documents",
@@ -48,6 +51,7 @@ __all__ = [
     "rope_angles",
     "sample_flow",
     "sample_logits",
+    "sample_visible_latents",
     "text_to_image_document",
     "train_text_tokenizer",
     "vocab_layout",

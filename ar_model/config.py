@@ -27,6 +27,9 @@ from tokenizers_mm.modeling import _BASE_CONFIG_KEYS
 # call with a block-diagonal ∧ causal boolean mask (reference); "flex": flex_attention with a block mask
 # (GPU; forward only on CPU); "flash_varlen": flash_attn's varlen kernel (GPU, if installed).
 ATTN_IMPLS: tuple[str, ...] = ("sdpa_per_doc", "sdpa_dense_mask", "flex", "flash_varlen")
+# Attention among the tokens of one continuous image (DESIGN §2): "causal" raster order (next-token flow
+# targets), or "bidirectional" within the image block (MAR-style masked prediction).
+IMAGE_ATTENTIONS: tuple[str, ...] = ("causal", "bidirectional")
 
 
 def swiglu_hidden_size(hidden_size: int, multiple_of: int = 32) -> int:
@@ -74,6 +77,11 @@ class MMDecoderConfig(PretrainedConfig):
             when None); only with ``latent_dim > 0``.
         flow_loss: :class:`~ar_model.flow_matching.FlowLossConfig` fields (a dict: loss weight, samples
             per position, t sampling, shortcut fraction); only with ``latent_dim > 0``.
+        image_attention: "causal" (default): every token attends causally, and the head predicts the
+            latent at ``i + 1`` from the hidden state at ``i``. "bidirectional" (``latent_dim > 0`` only):
+            the tokens of one image block (a run of :attr:`latent_token_id` in a document) also see each
+            other, and the head predicts the latents of the image positions whose input is masked (the
+            placeholder: ``latent_mask`` false) from their own hidden states (MAR, Li et al. 2024).
     """
 
     model_type = "mm_decoder"
@@ -115,6 +123,7 @@ class MMDecoderConfig(PretrainedConfig):
         latent_dim: int = 0,
         diffusion_head: dict[str, Any] | DiffusionHeadConfig | None = None,
         flow_loss: dict[str, Any] | FlowLossConfig | None = None,
+        image_attention: str = "causal",
         **kwargs: Any,
     ):
         unknown = sorted(set(kwargs) - _BASE_CONFIG_KEYS)
@@ -209,6 +218,13 @@ class MMDecoderConfig(PretrainedConfig):
             raise ValueError(
                 "MMDecoderConfig: flow_loss.shortcut_fraction > 0 needs diffusion_head.shortcut_levels > 0"
             )
+        if image_attention not in IMAGE_ATTENTIONS:
+            raise ValueError(
+                f"MMDecoderConfig: image_attention must be one of {IMAGE_ATTENTIONS}, got {image_attention!r}"
+            )
+        if image_attention == "bidirectional" and not self.latent_dim:
+            raise ValueError("MMDecoderConfig: image_attention='bidirectional' needs latent_dim > 0")
+        self.image_attention = image_attention
         super().__init__(**kwargs)
 
     # transformers ties lm_head to the embedding when config.tie_word_embeddings is true.

@@ -42,10 +42,19 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from ar_model.attention import AttentionPlan, KVCache, attend, doc_ids_from_seq_lens, plan_attention
+from ar_model.attention import (
+    AttentionPlan,
+    KVCache,
+    attend,
+    block_causal_mask,
+    doc_ids_from_seq_lens,
+    padding_causal_mask,
+    plan_attention,
+)
 from ar_model.config import MMDecoderConfig
 from ar_model.diffusion_head import DiffusionHead
 from ar_model.flow_matching import FlowLoss, flow_matching_loss
+from ar_model.image_blocks import bidirectional_mask, image_block_ids
 from ar_model.packing import IGNORE_INDEX
 from ar_model.rope import rope_tables, rotate
 
@@ -393,12 +402,57 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
             past_len=past,
             cached=past_key_values is not None,
         )
+        if cfg.image_attention == "bidirectional":
+            plan = self.image_attention_plan(
+                plan,
+                input_ids,
+                doc_ids=doc_ids,
+                seq_lens=seq_lens,
+                attention_mask=attention_mask,
+                past_len=past,
+            )
         # RoPE tables once per forward (angles in fp32, cast once), shared by all layers.
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_base, self.embed_tokens.weight.dtype)
         hidden = self.run_layers(
             input_ids, cos, sin, plan, past_key_values, latents=latents, latent_mask=latent_mask
         )
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+
+    def image_attention_plan(
+        self,
+        plan: AttentionPlan,
+        input_ids: torch.Tensor,
+        *,
+        doc_ids: torch.Tensor | None = None,
+        seq_lens: list[list[int]] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_len: int = 0,
+    ) -> AttentionPlan:
+        """``plan`` widened so that the tokens of each image block see each other (``image_attention=
+        "bidirectional"``): a dense boolean mask ``causal-within-document ∨ same-block`` (exact for packed
+        rows), or ``plan`` itself when no image token is present. With a KV cache (``plan.kind ==
+        "cached"``) the cached tokens are outside every block, so a block must be fed in one call."""
+        b, n = input_ids.shape
+        segments = doc_ids_from_seq_lens(seq_lens, n, input_ids.device) if seq_lens is not None else doc_ids
+        blocks = image_block_ids(input_ids, self.config.latent_token_id, segments)  # (b, n)
+        if not bool((blocks >= 0).any()):
+            return plan
+        key_blocks = blocks  # (b, m)
+        if plan.kind == "cached":
+            keys = attention_mask
+            if keys is None:
+                keys = torch.ones(b, past_len + n, dtype=torch.bool, device=input_ids.device)
+            base = padding_causal_mask(keys, n)  # (b, 1, n, past + n)
+            key_blocks = F.pad(blocks, (past_len, 0), value=-1)  # (b, past + n)
+        elif attention_mask is not None:
+            base = padding_causal_mask(attention_mask, n)  # (b, 1, n, n)
+        elif segments is not None:
+            base = block_causal_mask(segments)  # (b, 1, n, n)
+        else:
+            idx = torch.arange(n, device=input_ids.device)
+            base = (idx[:, None] >= idx[None, :])[None, None]  # (1, 1, n, n)
+        kind = "cached" if plan.kind == "cached" else "dense"
+        return AttentionPlan(kind=kind, mask=bidirectional_mask(base, blocks, key_blocks))
 
     def check_latents(
         self, input_ids: torch.Tensor, latents: torch.Tensor | None, latent_mask: torch.Tensor | None
@@ -596,8 +650,17 @@ class MMDecoderForCausalLM(MMDecoderPreTrainedModel):
             last_hidden_state=out.last_hidden_state,
         )
         if labels is not None and latents is not None:
+            predict = None
+            if self.config.image_attention == "bidirectional":  # MAR: masked image positions are the targets
+                predict = (input_ids == self.config.latent_token_id) & ~latent_mask  # (b, n)
             flow = self.flow_loss(
-                out.last_hidden_state, latents, latent_mask, doc_ids, seq_lens, generator=flow_generator
+                out.last_hidden_state,
+                latents,
+                latent_mask,
+                doc_ids,
+                seq_lens,
+                generator=flow_generator,
+                predict_mask=predict,
             )
             result.loss = loss + self.config.flow_loss_config.weight * flow.loss
             result.flow_loss, result.flow_matching_loss, result.shortcut_loss = flow
@@ -610,14 +673,20 @@ class MMDecoderForCausalLM(MMDecoderPreTrainedModel):
         latent_mask: torch.Tensor,
         doc_ids: torch.Tensor | None = None,
         seq_lens: list[list[int]] | None = None,
+        *,
+        predict_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Conditions ``(N, c)`` and targets ``(N, D)`` of the flow loss, in row-major order.
 
         The hidden state at position ``i`` conditions the latent at ``i + 1`` whenever ``i + 1`` is a
         latent of the same document (DESIGN §3: "c = hidden state of the previous position"). Packed rows:
         documents from ``seq_lens`` (preferred: it also separates chunks of a split document) or
-        ``doc_ids``, so that no pair crosses a document boundary.
+        ``doc_ids``, so that no pair crosses a document boundary. With ``predict_mask (b, n)``
+        (bidirectional image attention) the pairs are instead ``hidden[p] → latents[p]`` for every
+        position ``p`` in the mask (the masked image tokens, MAR).
         """
+        if predict_mask is not None:
+            return hidden[predict_mask], latents[predict_mask]  # (N, c), (N, D)
         b, n, _ = hidden.shape
         nxt = latent_mask[:, 1:]  # (b, n-1): the next token is a latent
         segments = doc_ids_from_seq_lens(seq_lens, n, hidden.device) if seq_lens is not None else doc_ids
@@ -633,12 +702,15 @@ class MMDecoderForCausalLM(MMDecoderPreTrainedModel):
         doc_ids: torch.Tensor | None = None,
         seq_lens: list[list[int]] | None = None,
         generator: torch.Generator | None = None,
+        predict_mask: torch.Tensor | None = None,
     ) -> FlowLoss:
         """:func:`~ar_model.flow_matching.flow_matching_loss` of the diffusion head over :meth:`flow_pairs`
         of ``hidden (b, n, c)`` (the decoder's normed output) and ``latents (b, n, D)``."""
         if self.diffusion_head is None:
             raise ValueError("this model has no diffusion head (config.latent_dim=0)")
-        cond, target = self.flow_pairs(hidden, latents, latent_mask, doc_ids, seq_lens)
+        cond, target = self.flow_pairs(
+            hidden, latents, latent_mask, doc_ids, seq_lens, predict_mask=predict_mask
+        )
         return flow_matching_loss(self.diffusion_head, cond, target, self.config.flow_loss_config, generator)
 
     def _plain_lm_head(self) -> bool:
