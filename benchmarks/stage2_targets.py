@@ -60,7 +60,8 @@ def evaluate(folder: Path, settings: dict, n_per_category: int, n_digits: int, n
     from ar_model.evaluate import evaluate_captions, evaluate_digits, evaluate_text_to_image, metrics_dict
     from ar_model.generator import MMGenerator
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1)))
+    # OMP_NUM_THREADS wins (other jobs on the machine: one thread avoids OpenMP spin-wait stalls)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, os.cpu_count() or 1)))
     gen = MMGenerator.from_pretrained(folder)
     t2i = evaluate_text_to_image(gen, n_per_category=n_per_category, **settings)
     digits = evaluate_digits(gen, n_per_digit=n_digits, **settings)

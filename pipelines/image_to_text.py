@@ -18,10 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from transformers import Pipeline
 
-from ar_model.generator import MMGenerator
 from data.images import decode_image, resize_center_crop, to_rgb
+from pipelines.mm_pipeline import MMPipeline
 
 __all__ = ["ImageToTextPipeline", "load_rgb"]
 
@@ -39,7 +38,7 @@ def load_rgb(image: Any) -> Image.Image:
     raise TypeError(f"an image must be a PIL image, a path or a numpy array, got {type(image).__name__}")
 
 
-class ImageToTextPipeline(Pipeline):
+class ImageToTextPipeline(MMPipeline):
     """Captioning with an :class:`~ar_model.generator.MMGenerator`.
 
     Call arguments: ``max_new_tokens`` (32), ``temperature`` (0 = greedy), ``top_k``, ``top_p``,
@@ -47,34 +46,18 @@ class ImageToTextPipeline(Pipeline):
     Returns ``[{"generated_text": str}]`` for one image, a list of those for a list of images.
     """
 
-    _load_processor = False
-    _load_image_processor = False
-    _load_feature_extractor = False
-    _load_tokenizer = False
-    _load_video_processor = False
-    _pipeline_calls_generate = False
+    call_keys = _CALL_KEYS
 
-    def __init__(self, model: MMGenerator, *args: Any, **kwargs: Any) -> None:
-        if not isinstance(model, MMGenerator):
-            raise TypeError(
-                f"image-to-text needs an MMGenerator (a folder or repo id), got {type(model).__name__}"
-            )
-        kwargs.setdefault("device", model.device)
-        super().__init__(model, *args, **kwargs)
-
-    def _sanitize_parameters(self, **kwargs: Any) -> tuple[dict, dict, dict]:
-        unknown = sorted(set(kwargs) - set(_CALL_KEYS))
-        if unknown:
-            raise TypeError(f"image-to-text: unexpected arguments {unknown}; allowed: {list(_CALL_KEYS)}")
-        return {}, {k: v for k, v in kwargs.items() if v is not None}, {}
+    @classmethod
+    def task_name(cls) -> str:
+        return "image-to-text"
 
     def __call__(self, images: Any, **kwargs: Any) -> list:
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         if not items:
             raise ValueError("images is an empty list: give at least one image")
-        _, call_params, _ = self._sanitize_parameters(**kwargs)
-        outputs = self.forward(self.preprocess(items), **{**self._forward_params, **call_params})
+        outputs = self.forward(self.preprocess(items), **self.call_params(kwargs))
         return self.postprocess(outputs, single=single)
 
     def preprocess(self, images: list[Any]) -> dict[str, torch.Tensor]:

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from transformers import Pipeline
 
 from ar_model.generator import MMGenerator, check_prompts
+from pipelines.mm_pipeline import MMPipeline
 
 __all__ = ["TextToImagePipeline"]
 
@@ -43,7 +43,7 @@ def _to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(p), mode="RGB") for p in pixels]
 
 
-class TextToImagePipeline(Pipeline):
+class TextToImagePipeline(MMPipeline):
     """Text-to-image generation with an :class:`~ar_model.generator.MMGenerator`.
 
     Call arguments (each may also be given when the pipeline is built):
@@ -59,34 +59,16 @@ class TextToImagePipeline(Pipeline):
     list of such lists for a list of prompts.
     """
 
-    _load_processor = False
-    _load_image_processor = False
-    _load_feature_extractor = False
-    _load_tokenizer = False
-    _load_video_processor = False
-    _pipeline_calls_generate = False
+    call_keys = _CALL_KEYS
 
-    def __init__(self, model: MMGenerator, *args: Any, **kwargs: Any) -> None:
-        if not isinstance(model, MMGenerator):
-            raise TypeError(
-                f"text-to-image needs an MMGenerator (a folder or repo id), got {type(model).__name__}"
-            )
-        # Stay on the device the model is on (CPU fp32 unless the user moved it), not transformers'
-        # default of the first accelerator.
-        kwargs.setdefault("device", model.device)
-        super().__init__(model, *args, **kwargs)
-
-    def _sanitize_parameters(self, **kwargs: Any) -> tuple[dict, dict, dict]:
-        unknown = sorted(set(kwargs) - set(_CALL_KEYS))
-        if unknown:
-            raise TypeError(f"text-to-image: unexpected arguments {unknown}; allowed: {list(_CALL_KEYS)}")
-        return {}, {k: v for k, v in kwargs.items() if v is not None}, {}
+    @classmethod
+    def task_name(cls) -> str:
+        return "text-to-image"
 
     def __call__(self, prompts: str | list[str], **kwargs: Any) -> list:
         single = isinstance(prompts, str)
         prompts = check_prompts(prompts)
-        _, call_params, _ = self._sanitize_parameters(**kwargs)
-        params = {**self._forward_params, **call_params}
+        params = self.call_params(kwargs)
         outputs = self.forward(self.preprocess(prompts), **params)
         return self.postprocess(outputs, single=single)
 
