@@ -40,7 +40,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from ar_model.config import vocab_layout
+from ar_model.config import MMDecoderConfig, vocab_layout
 from ar_model.documents import I2T, T2I, CodesCorpus, PackedBatches, eval_batches
 from ar_model.generator import MMGenerator
 from ar_model.modeling import MMDecoderForCausalLM
@@ -53,7 +53,7 @@ from tokenizers_mm.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from tokenizers_mm.config_io import ConfigError, load_config, to_dict
+from tokenizers_mm.config_io import ConfigError, check_keys, load_config, to_dict
 from tokenizers_mm.modeling import ImageTokenizer
 from tokenizers_mm.train import param_digest
 from tokenizers_mm.train_step import NonfiniteGuard, check_finite_weights, guarded_update
@@ -104,6 +104,7 @@ class TrainConfig:
     top_k: int = 0  # 0 disables top-k
     log_every: int = 25
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
+    allow_pipe: bool = False  # accept `pipe:CMD` dataset URLs (they run CMD in a shell)
     resume: bool = False
     push_to_hub: bool = False
     hub_model_id: str | None = None
@@ -121,7 +122,17 @@ class TrainConfig:
             )
         if not self.train_data and not self.codes_data:
             raise ValueError("give train_data (sources to encode) and/or codes_data (pre-extracted codes)")
-        for name in ("grad_accum", "max_steps", "resolution", "train_num", "val_num", "log_every", "max_len"):
+        for name in (
+            "grad_accum",
+            "max_steps",
+            "resolution",
+            "train_num",
+            "val_num",
+            "log_every",
+            "max_len",
+            "max_nonfinite",
+            "text_vocab_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         for name in (
@@ -147,6 +158,29 @@ class TrainConfig:
             raise ValueError(f"text_model_type must be 'bpe' or 'unigram', got {self.text_model_type!r}")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id user/name")
+        self._check_inputs()
+
+    def _check_inputs(self) -> None:
+        """Sources, codes folders, tokenizer folder and model overrides, before any data is read."""
+        from data.sources import check_source
+
+        for source in self.train_data:
+            check_source(source, self.allow_pipe, "train_data source")
+        for source in self.val_data:
+            check_source(source, self.allow_pipe, "val_data source")
+        for folder in self.codes_data:
+            if not (Path(folder) / "codes_meta.json").is_file():
+                raise ValueError(
+                    f"codes_data {folder!r} is not a codes directory (no codes_meta.json); "
+                    "make one with `python -m data.extract_codes`"
+                )
+        if not (Path(self.tokenizer) / "config.json").is_file():
+            raise ValueError(
+                f"tokenizer {self.tokenizer!r} is not a saved Stage-1 tokenizer folder (no config.json)"
+            )
+        # Unknown keys and impossible values of the decoder (the vocabulary is filled in at startup).
+        check_keys(MMDecoderConfig, self.model)
+        preset_config(self.preset, **self.model)
 
 
 # ----------------------------------------------------------------------------- data
@@ -172,6 +206,7 @@ def _codes_folders(accelerator: Accelerator, cfg: TrainConfig, tokenizer_dir: st
                 overwrite=True,
                 progress=True,
                 device=accelerator.device,
+                allow_pipe=cfg.allow_pipe,
             )
         folders[split].append(folder)
     accelerator.wait_for_everyone()

@@ -20,7 +20,7 @@ import torch
 
 from data.codes import check_out_dir, read_codes_meta, write_codes
 from data.readers import _is_pattern
-from data.sources import EMBEDDED, samples_tensor
+from data.sources import EMBEDDED, check_source, samples_tensor
 
 if TYPE_CHECKING:
     from tokenizers_mm.modeling import ImageTokenizer
@@ -38,6 +38,7 @@ def validate(
     batch_size: int,
     shard_size: int,
     overwrite: bool,
+    allow_pipe: bool = False,
 ) -> None:
     """Raise ValueError (FileExistsError for `out`) saying what is allowed, before any work is done."""
     for name, value in (
@@ -50,11 +51,7 @@ def validate(
             raise ValueError(f"--{name} must be >= 1, got {value}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-    if dataset not in EMBEDDED and not Path(dataset).exists() and not _is_pattern(dataset):
-        raise ValueError(
-            f"unknown dataset {dataset!r}: choose one of {', '.join(EMBEDDED)} or the path of a dataset "
-            "(webdataset shards, a save_to_disk folder or an image folder)"
-        )
+    check_source(dataset, allow_pipe, what="dataset")
     if isinstance(tokenizer, (str, os.PathLike)):
         folder = Path(tokenizer)
         if not folder.is_dir():
@@ -128,23 +125,26 @@ def extract_codes(
     overwrite: bool = False,
     progress: bool = True,
     device: str | torch.device | None = None,
+    allow_pipe: bool = False,
 ) -> Path:
     """Encode `num` images of `dataset` with `tokenizer` (a folder or a model) and write them to `out`.
 
     `device` moves a tokenizer loaded from a folder (default: CPU); a model passed in is used where it is.
+    A `pipe:` dataset URL (a shell command) is refused unless `allow_pipe`.
     Returns `out`, whose `codes_meta.json` holds the tokenizer identity and these arguments.
     """
     from tokenizers_mm.identity import tokenizer_identity
 
-    validate(tokenizer, dataset, num, resolution, out, split, batch_size, shard_size, overwrite)
+    validate(tokenizer, dataset, num, resolution, out, split, batch_size, shard_size, overwrite, allow_pipe)
     model = load_tokenizer(tokenizer)
     if model is not tokenizer and device is not None:
         model = model.to(device)
     check_resolution(model, resolution)
-    pixels, captions, keys, counter = samples_tensor(dataset, num, resolution, seed, split)
+    pixels, captions, keys, counter = samples_tensor(dataset, num, resolution, seed, split, allow_pipe)
     tokens = encode_images(model, pixels, batch_size, progress)
     identity = tokenizer_identity(model, resolution)
-    source = dataset if dataset in EMBEDDED or _is_pattern(dataset) else str(Path(dataset).resolve())
+    url = _is_pattern(dataset) or "://" in dataset or dataset.startswith("pipe:")
+    source = dataset if dataset in EMBEDDED or url else str(Path(dataset).resolve())
     extra_meta: dict[str, Any] = {
         "source": source,
         "requested": num,
@@ -177,6 +177,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace earlier codes in --out")
     parser.add_argument("--device", default=None, help="torch device for the tokenizer (default: cpu)")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--allow_pipe", action="store_true", help="accept a `pipe:CMD` dataset URL (runs CMD in a shell)"
+    )
     return parser.parse_args(argv)
 
 
@@ -196,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
             device=args.device,
+            allow_pipe=args.allow_pipe,
         )
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

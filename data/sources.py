@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,8 +21,37 @@ EMBEDDED = ("shapes", "digits", "photos")
 LOGGER = logging.getLogger("data")
 
 
+def check_source(source: str, allow_pipe: bool = False, what: str = "source") -> None:
+    """Raise ValueError, saying what is allowed, unless ``source`` is an embedded dataset, an existing
+    path, a shard pattern or a URL. ``pipe:`` URLs run a shell command: refused unless ``allow_pipe``."""
+    from data.readers import _is_pattern
+
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"{what} must be a non-empty string, got {source!r}")
+    if source in EMBEDDED:
+        return
+    if source.startswith("pipe:"):
+        if not allow_pipe:
+            raise ValueError(
+                f"{what} {source!r} is a 'pipe:' URL, which runs a shell command; pass --allow_pipe true "
+                "(allow_pipe=True) if you trust it"
+            )
+        return
+    if "://" in source or _is_pattern(source) or Path(source).exists():
+        return
+    raise ValueError(
+        f"unknown {what} {source!r}: choose one of {', '.join(EMBEDDED)} or the path of a dataset "
+        "(webdataset shards, a save_to_disk folder or an image folder)"
+    )
+
+
 def samples_tensor(
-    source: str, num: int, resolution: int, seed: int = 0, split: str = "train"
+    source: str,
+    num: int,
+    resolution: int,
+    seed: int = 0,
+    split: str = "train",
+    allow_pipe: bool = False,
 ) -> tuple[torch.Tensor, list[str], list[str], SkipCounter]:
     """uint8 images (N, 3, R, R), their captions and keys, and the skip counts of ``source``.
 
@@ -41,7 +71,8 @@ def samples_tensor(
     else:
         from data.readers import open_samples
 
-        samples, resample = itertools.islice(open_samples(source, skip_counter=counter), num), "bicubic"
+        samples = open_samples(source, skip_counter=counter, allow_pipe=allow_pipe)
+        samples, resample = itertools.islice(samples, num), "bicubic"
     arrays: list[np.ndarray] = []
     captions: list[str] = []
     keys: list[str] = []
@@ -59,8 +90,13 @@ def samples_tensor(
 
 
 def images_tensor(
-    source: str, num: int, resolution: int, seed: int = 0, split: str = "train"
+    source: str,
+    num: int,
+    resolution: int,
+    seed: int = 0,
+    split: str = "train",
+    allow_pipe: bool = False,
 ) -> tuple[torch.Tensor, SkipCounter]:
     """uint8 images (N, 3, R, R) from ``source`` (see ``samples_tensor``)."""
-    pixels, _captions, _keys, counter = samples_tensor(source, num, resolution, seed, split)
+    pixels, _captions, _keys, counter = samples_tensor(source, num, resolution, seed, split, allow_pipe)
     return pixels, counter

@@ -109,6 +109,20 @@ def from_dict(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"invalid config{(' ' + prefix.rstrip('.')) if prefix else ''}: {e}") from e
 
 
+def check_keys(config_cls: type, overrides: dict[str, Any], prefix: str = "model.") -> None:
+    """Raise ConfigError listing the allowed keys if ``overrides`` has a key that is not an
+    ``__init__`` argument of ``config_cls`` (a transformers config, whose kwargs would hide typos)."""
+    import inspect
+
+    allowed = [n for n in inspect.signature(config_cls.__init__).parameters if n not in ("self", "kwargs")]
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"unknown {config_cls.__name__} key(s) {[prefix + k for k in unknown]}; "
+            f"allowed: {[prefix + k for k in allowed]}"
+        )
+
+
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
     """Turn ``["--a.b", "1", "--flag", "--c=x"]`` into ``{"a": {"b": 1}, "flag": True, "c": "x"}``."""
     out: dict[str, Any] = {}

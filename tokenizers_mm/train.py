@@ -36,11 +36,11 @@ from tokenizers_mm.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from tokenizers_mm.config_io import ConfigError, load_config, to_dict
+from tokenizers_mm.config_io import ConfigError, check_keys, load_config, to_dict
 from tokenizers_mm.discriminator import PatchDiscriminator, hinge_d_loss
 from tokenizers_mm.evaluate import evaluate_tokenizer, reconstruction_grid
 from tokenizers_mm.metrics import psnr, ssim
-from tokenizers_mm.modeling import ImageTokenizer
+from tokenizers_mm.modeling import ImageTokenizer, ImageTokenizerConfig
 from tokenizers_mm.presets import PRESETS, preset_config
 from tokenizers_mm.train_step import NonfiniteGuard, check_finite_weights, guarded_update
 
@@ -82,15 +82,19 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     log_every: int = 25
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
+    allow_pipe: bool = False  # accept `pipe:CMD` dataset URLs (they run CMD in a shell)
     resume: bool = False  # continue from the latest checkpoint in output_dir
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_private: bool = True
 
     def __post_init__(self) -> None:
+        from data.sources import check_source
+
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {list(PRESETS)}, got {self.preset!r}")
         for name in (
+            "max_nonfinite",
             "batch_size",
             "grad_accum",
             "max_steps",
@@ -110,6 +114,16 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id user/name")
+        if self.loss not in ("l1", "l2", "l1+l2"):
+            raise ValueError(f"loss must be one of ['l1', 'l2', 'l1+l2'], got {self.loss!r}")
+        if not self.train_data:
+            raise ValueError("train_data is empty: give at least one source")
+        for source in self.train_data:
+            check_source(source, self.allow_pipe, "train_data source")
+        check_source(self.eval_data, self.allow_pipe, "eval_data")
+        # The model overrides are checked here (unknown keys, bad values), not after the data is read.
+        check_keys(ImageTokenizerConfig, self.model)
+        preset_config(self.preset, resolution=self.resolution, **self.model)
 
 
 def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -144,6 +158,7 @@ class StreamingBatches:
             shuffle=True,
             seed=cfg.seed,
             resample="bicubic",
+            allow_pipe=cfg.allow_pipe,
         )
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, drop_last=True
@@ -192,13 +207,15 @@ class InMemoryBatches:
         return self.images[idx].float().div_(127.5).sub_(1.0)  # uint8 (b,3,R,R) → float in [-1, 1]
 
 
-def _load_images(sources: list[str], num: int, resolution: int, seed: int, split: str) -> torch.Tensor:
+def _load_images(
+    sources: list[str], num: int, resolution: int, seed: int, split: str, allow_pipe: bool = False
+) -> torch.Tensor:
     """uint8 (N, 3, R, R) from embedded sources and/or dataset paths; bad samples are counted and skipped."""
     from data.sources import images_tensor
 
     parts = []
     for source in sources:
-        images, skips = images_tensor(source, num=num, resolution=resolution, seed=seed, split=split)
+        images, skips = images_tensor(source, num, resolution, seed, split, allow_pipe)
         if skips.total:
             print(f"{source}: skipped {skips.total} unreadable samples ({skips.summary()})")
         parts.append(images)
@@ -221,14 +238,18 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     # ---- data
     rank, world = accelerator.process_index, accelerator.num_processes
     if cfg.in_memory:
-        images = _load_images(cfg.train_data, cfg.train_num, cfg.resolution, cfg.seed, "train")
+        images = _load_images(
+            cfg.train_data, cfg.train_num, cfg.resolution, cfg.seed, "train", cfg.allow_pipe
+        )
         batches = InMemoryBatches(images, cfg.batch_size, rank, world, cfg.seed)
     else:
         images = None
         batches = StreamingBatches(cfg.train_data, cfg, rank, world)
     eval_images = None
     if is_main:
-        eval_images = _load_images([cfg.eval_data], cfg.eval_num, cfg.resolution, cfg.eval_seed, "test")
+        eval_images = _load_images(
+            [cfg.eval_data], cfg.eval_num, cfg.resolution, cfg.eval_seed, "test", cfg.allow_pipe
+        )
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     # ---- optimisation
