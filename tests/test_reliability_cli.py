@@ -109,3 +109,21 @@ def test_impossible_arguments_fail_before_any_work(
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert not out.exists()  # no work was done
+
+
+def test_pipe_urls_work_only_with_the_explicit_flag(tokenizer_dir, tmp_path, capsys):
+    from data.codes import load_codes
+
+    data.build.main(["--dataset", "shapes", "--num", "8", "--out", str(tmp_path / "wds"), "--no_progress"])
+    url = f"pipe:cat {tmp_path / 'wds' / 'shard-000000.tar'}"
+    argv = ["--tokenizer", str(tokenizer_dir), "--dataset", url, "--num", "8", "--resolution", "32"]
+    argv += ["--out", str(tmp_path / "codes"), "--no_progress"]
+    assert data.extract_codes.main(argv) == 2
+    assert "--allow_pipe" in capsys.readouterr().err
+    assert data.extract_codes.main([*argv, "--allow_pipe"]) == 0
+    assert len(load_codes(tmp_path / "codes", expect=ImageTokenizer.from_pretrained(tokenizer_dir))) == 8
+    for module in (tok_train, ar_train):
+        cfg = module.parse_args(["--tokenizer", str(tokenizer_dir)] * (module is ar_train) + [
+            "--train_data", f"[{url}]", "--allow_pipe", "true"
+        ])  # fmt: skip
+        assert cfg.train_data == [url] and cfg.allow_pipe
