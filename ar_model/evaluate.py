@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tokenizers_mm.checkpoints import atomic_write_text
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="MMGenerator folder or Hub repo id (MMGenerator.save_pretrained)")
+    p.add_argument("--model", required=True, help="MMGenerator folder or Hub repo id")
     p.add_argument("--out", required=True, help="metrics.json to write")
     p.add_argument("--n_per_category", type=int, default=50, help="text-to-image prompts per shapes category")
     p.add_argument("--n_digits_per_class", type=int, default=20, help="text-to-image prompts per digit")

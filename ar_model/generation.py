@@ -150,10 +150,14 @@ class _Stepper:
         new_positions: torch.Tensor,
         vocab_range: tuple[int, int],
         use_cache: bool,
+        latents: torch.Tensor | None = None,
+        latent_mask: torch.Tensor | None = None,
     ):
         cfg = model.config
         self.model, self.decoder, self.use_cache = model, model.model, use_cache
         self.ids, self.positions = ids, positions  # (b, n), (b, n, 2)
+        # Continuous tokens of the prompt (b, n, D) where latent_mask (b, n) is set; each step may add one.
+        self.latents, self.latent_mask = latents, latent_mask
         b, n = ids.shape
         self.length = n  # tokens per row so far
         self.start, self.stop = vocab_range
@@ -178,6 +182,14 @@ class _Stepper:
 
     def prefill(self) -> torch.Tensor:
         """Logits ``(b, stop - start)`` after the prompt."""
+        return self._logits(self.prefill_hidden())
+
+    def step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Append ``token (b,)`` at ``position (b, 2)``; logits ``(b, stop - start)`` for the next token."""
+        return self._logits(self.step_hidden(token, position))
+
+    def prefill_hidden(self) -> torch.Tensor:
+        """Last hidden state ``(b, c)`` after the prompt (the diffusion head's condition)."""
         n = self.length
         if not self.use_cache:
             return self._uncached()
@@ -191,30 +203,66 @@ class _Stepper:
             cached=True,
         )
         hidden = self.decoder.run_layers(
-            self.ids, self.cos[:, :n], self.sin[:, :n], plan, self.cache, self.weights
+            self.ids,
+            self.cos[:, :n],
+            self.sin[:, :n],
+            plan,
+            self.cache,
+            self.weights,
+            latents=self.latents,
+            latent_mask=self.latent_mask,
         )
-        return self._logits(hidden[:, -1])
+        return hidden[:, -1]
 
-    def step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """Append ``token (b,)`` at ``position (b, 2)``; logits ``(b, stop - start)`` for the next token."""
+    def step_hidden(
+        self, token: torch.Tensor, position: torch.Tensor, latent: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Append ``token (b,)`` (with its continuous ``latent (b, D)`` if given) at ``position (b, 2)``;
+        returns the new last hidden state ``(b, c)``."""
         p = self.length
         self.length += 1
+        latents = latent_mask = None
+        if latent is not None:
+            latents = latent[:, None, :]  # (b, 1, D)
+            latent_mask = torch.ones(latent.shape[0], 1, dtype=torch.bool, device=latent.device)
         if not self.use_cache:
             self.ids = torch.cat([self.ids, token[:, None]], dim=1)  # (b, n + 1)
             self.positions = torch.cat([self.positions, position[:, None]], dim=1)  # (b, n + 1, 2)
+            if latent is not None or self.latents is not None:
+                b, d = token.shape[0], (latent if latent is not None else self.latents).shape[-1]
+                old = self.latents if self.latents is not None else torch.zeros(b, p, d, device=token.device)
+                old_mask = (
+                    self.latent_mask
+                    if self.latent_mask is not None
+                    else old.new_zeros(b, p, dtype=torch.bool)
+                )
+                new = latents if latents is not None else old.new_zeros(b, 1, d)
+                new_mask = latent_mask if latent_mask is not None else old_mask.new_zeros(b, 1)
+                self.latents = torch.cat([old, new.to(old)], dim=1)  # (b, n + 1, D)
+                self.latent_mask = torch.cat([old_mask, new_mask], dim=1)  # (b, n + 1)
             return self._uncached()
         plan = self.step_plan
         if self.key_mask is not None:  # the new token's query sees the real keys: (b, 1, 1, p + 1)
             plan = AttentionPlan(kind="cached", mask=self.key_mask[:, None, None, : p + 1])
         hidden = self.decoder.run_layers(
-            token[:, None], self.cos[:, p : p + 1], self.sin[:, p : p + 1], plan, self.cache, self.weights
+            token[:, None],
+            self.cos[:, p : p + 1],
+            self.sin[:, p : p + 1],
+            plan,
+            self.cache,
+            self.weights,
+            latents=latents,
+            latent_mask=latent_mask,
         )
-        return self._logits(hidden[:, -1])
+        return hidden[:, -1]
 
     def _uncached(self) -> torch.Tensor:
         mask = self.key_mask[:, : self.length] if self.key_mask is not None else None
-        hidden = self.decoder(self.ids, positions=self.positions, attention_mask=mask).last_hidden_state
-        return self._logits(hidden[:, -1])
+        kwargs = {}
+        if self.latents is not None:
+            kwargs = {"latents": self.latents, "latent_mask": self.latent_mask}
+        out = self.decoder(self.ids, positions=self.positions, attention_mask=mask, **kwargs)
+        return out.last_hidden_state[:, -1]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(b, c)`` -> logits of the sampled vocabulary slice ``(b, stop - start)``."""
@@ -248,13 +296,17 @@ def generate_tokens(
     eos_id: int | None = None,
     allowed_range: tuple[int, int] | None = None,
     use_cache: bool = True,
+    prompt_latents: torch.Tensor | None = None,
+    prompt_latent_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Continue each prompt with up to ``max_new_tokens`` text tokens; returns ``(b, max_new_tokens)``.
 
     Prompts are ``(b, n)`` or a list of ``(n_i,)`` (left-padded here), with positions ``(b, n, 2)`` /
     ``(n_i, 2)`` (None: text-only 1-D positions). A prompt ends with a text token (e.g. ``<eoi>`` after an
     image), so generated token ``t`` sits at the prompt's last position ``+ 1 + t`` on both axes, which is
-    what :func:`~ar_model.positions.multimodal_positions` gives for a trailing text segment. After
+    what :func:`~ar_model.positions.multimodal_positions` gives for a trailing text segment. Prompts
+    that hold continuous images give ``prompt_latents (b, n, D)`` and ``prompt_latent_mask (b, n)``
+    (equal-length rows; the ids there are the placeholder ``config.latent_token_id``). After
     ``eos_id`` (default ``config.eos_id``) a row emits ``pad_id``; generation stops when every row has.
     Only ids in ``allowed_range = [start, stop)`` are sampled (default: the text ids
     ``[0, config.text_vocab_size)``, so captions never contain image codes).
@@ -271,6 +323,13 @@ def generate_tokens(
         raise ValueError("every prompt needs at least one token (e.g. <bos>)")
     ids, positions, mask = left_pad(rows, pos_rows, cfg.pad_id)
     b, n = ids.shape
+    if prompt_latents is not None:
+        if not bool(mask.all()) or prompt_latent_mask is None or prompt_latent_mask.shape != (b, n):
+            raise ValueError("prompt_latents need equal-length prompts and a prompt_latent_mask (b, n)")
+        if prompt_latents.shape[:2] != (b, n):
+            raise ValueError(
+                f"prompt_latents must be (b, n, D) = ({b}, {n}, D), got {tuple(prompt_latents.shape)}"
+            )
     if n + max_new_tokens > cfg.max_position:
         raise ValueError(f"{n} prompt + {max_new_tokens} new tokens exceed max_position={cfg.max_position}")
     eos_id = cfg.eos_id if eos_id is None else eos_id
@@ -280,7 +339,17 @@ def generate_tokens(
     # Generated token t of a row sits at its last prompt position + 1 + t on both axes: (b, max_new, 2).
     steps = torch.arange(1, max_new_tokens + 1, device=ids.device, dtype=positions.dtype)  # (max_new,)
     new_positions = positions[:, -1:, :] + steps[None, :, None]
-    stepper = _Stepper(model, ids, positions, mask, new_positions, (start, stop), use_cache)
+    stepper = _Stepper(
+        model,
+        ids,
+        positions,
+        mask,
+        new_positions,
+        (start, stop),
+        use_cache,
+        prompt_latents,
+        prompt_latent_mask,
+    )
     logits = stepper.prefill()  # (b, stop - start)
     out = torch.full((b, max_new_tokens), cfg.pad_id, dtype=torch.long, device=ids.device)
     done = torch.zeros(b, dtype=torch.bool, device=ids.device)

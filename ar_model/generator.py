@@ -33,6 +33,7 @@ from transformers import AutoModelForImageTextToText, PreTrainedModel
 
 from ar_model.config import MMDecoderConfig
 from ar_model.generation import generate_image_codes, generate_tokens
+from ar_model.latent_generation import generate_image_latents
 from ar_model.model_card import SAMPLE_GRID_FILE, render_model_card
 from ar_model.modeling import MMDecoderForCausalLM
 from ar_model.positions import multimodal_positions
@@ -121,10 +122,20 @@ class MMGenerator(PreTrainedModel):
             raise ComponentMismatchError(
                 f"decoder expects {cfg.text_vocab_size} text ids, the text tokenizer has {tok.vocab_size}"
             )
-        codebook = image_tokenizer.config.codebook_size
+        tok_cfg = image_tokenizer.config
+        try:
+            cfg.check_latent_dim(None if tok_cfg.is_discrete else tok_cfg.token_dim)
+        except ValueError as e:
+            raise ComponentMismatchError(str(e)) from None
+        codebook = tok_cfg.codebook_size
         if codebook is not None and codebook != cfg.num_image_codes:
             raise ComponentMismatchError(
                 f"decoder has {cfg.num_image_codes} image codes, the image tokenizer {codebook}"
+            )
+        if not tok_cfg.is_discrete and (tok_cfg.latent_mean is None or tok_cfg.latent_std is None):
+            raise ComponentMismatchError(
+                "a continuous image tokenizer needs its latent statistics (latent_mean/latent_std in its "
+                "config) to normalize and denormalize the decoder's latents"
             )
         self.decoder = decoder
         self.image_tokenizer = image_tokenizer
@@ -357,8 +368,13 @@ class MMGenerator(PreTrainedModel):
             ids = ids[:max_tokens]
         return ids
 
+    @property
+    def is_continuous(self) -> bool:
+        """True when images are continuous latents sampled by the diffusion head."""
+        return not self.image_tokenizer.config.is_discrete
+
     @torch.no_grad()
-    def text_to_codes(
+    def text_to_tokens(
         self,
         prompts: str | list[str],
         *,
@@ -370,67 +386,75 @@ class MMGenerator(PreTrainedModel):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        num_inference_steps: int = 4,
+        sampler: str = "euler",
         seed: int | torch.Generator | None = 0,
         batch_size: int = 64,
         progress: bool = False,
     ) -> torch.Tensor:
-        """Image codes ``(N * num_images_per_prompt, h, w)``, prompt-major; the empty caption is the
-        unconditional branch of classifier-free guidance."""
-        if not self.image_tokenizer.config.is_discrete:
-            raise NotImplementedError("continuous image tokens need the diffusion head (not in this model)")
+        """Image tokens for each prompt, prompt-major (``N * num_images_per_prompt`` of them), ready
+        for :meth:`decode_tokens`: codes ``(M, h, w)`` of a discrete model, or raw (denormalized)
+        latents ``(M, h, w, D)`` of a diffusion-head model. The empty caption is the unconditional
+        branch of classifier-free guidance.
+
+        ``top_k``/``top_p`` apply to discrete codes; ``num_inference_steps`` and ``sampler``
+        ("euler" | "heun") to the diffusion head (1, 2 or 4 shortcut steps).
+        """
         prompts = check_prompts(prompts)
-        if (
-            isinstance(num_images_per_prompt, bool)
-            or not isinstance(num_images_per_prompt, int)
-            or num_images_per_prompt < 1
-        ):
-            raise ValueError(f"num_images_per_prompt must be an integer ≥ 1, got {num_images_per_prompt!r}")
+        k = num_images_per_prompt
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer ≥ 1, got {k!r}")
         if not guidance_scale >= 0:
             raise ValueError(f"guidance_scale must be ≥ 0 (1 = no guidance), got {guidance_scale}")
         if not temperature >= 0:
             raise ValueError(f"temperature must be ≥ 0 (0 = greedy), got {temperature}")
         h, w = self._grid(height, width)
-        gens = self.image_generators(prompts, num_images_per_prompt, seed)
-        max_prompt = self.config.max_position - 3 - h * w  # <boi> <h> <w> and the codes follow
+        gens = self.image_generators(prompts, k, seed)
+        max_prompt = self.config.max_position - 3 - h * w  # <boi> <h> <w> and the image follow
         device = self.device
         rows = [
             torch.tensor(self.prompt_ids(p, max_prompt), dtype=torch.long, device=device)
             for p in prompts
-            for _ in range(num_images_per_prompt)
+            for _ in range(k)
         ]
+        common = dict(guidance_scale=guidance_scale, cfg_schedule=cfg_schedule, temperature=temperature)
         out = []
         for part in _batches(len(rows), batch_size):
-            out.append(
-                generate_image_codes(
+            if self.is_continuous:
+                latents = generate_image_latents(
                     self.decoder,
                     rows[part],
                     h,
                     w,
-                    guidance_scale=guidance_scale,
-                    cfg_schedule=cfg_schedule,
-                    temperature=temperature,
-                    top_k=top_k,
-                    top_p=top_p,
+                    num_inference_steps=num_inference_steps,
+                    method=sampler,
                     generator=gens[part],
                     progress=progress,
-                )
-            )
+                    **common,
+                )  # (b, h, w, D) normalized
+                out.append(self.image_tokenizer.denormalize_latents(latents))
+            else:
+                codes = generate_image_codes(
+                    self.decoder, rows[part], h, w, top_k=top_k, top_p=top_p, generator=gens[part],
+                    progress=progress, **common,
+                )  # fmt: skip
+                out.append(codes)
         return torch.cat(out)
 
     @torch.no_grad()
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes ``(N, h, w)`` → uint8 pixels ``(N, 3, H, W)``."""
-        pixels = self.image_tokenizer.decode(codes)  # (N, 3, H, W) in [-1, 1]
+    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Codes ``(N, h, w)`` or raw latents ``(N, h, w, D)`` → uint8 pixels ``(N, 3, H, W)``."""
+        pixels = self.image_tokenizer.decode(tokens)  # (N, 3, H, W) in [-1, 1]
         return pixels.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
-    def text_to_image(self, prompts: list[str], **kwargs) -> torch.Tensor:
-        """One uint8 image ``(N, 3, H, W)`` per prompt; keyword arguments as :meth:`text_to_codes`."""
-        return self.decode_codes(self.text_to_codes(prompts, **kwargs))
+    def text_to_image(self, prompts: str | list[str], **kwargs) -> torch.Tensor:
+        """uint8 images ``(N * num_images_per_prompt, 3, H, W)``; arguments as :meth:`text_to_tokens`."""
+        return self.decode_tokens(self.text_to_tokens(prompts, **kwargs))
 
     # ------------------------------------------------------------------ image → text
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 ``(N, 3, H, W)`` (or float in [-1, 1]) → codes ``(N, h, w)``."""
+        """uint8 ``(N, 3, H, W)`` or floats in [-1, 1] → codes ``(N, h, w)`` / latents ``(N, h, w, D)``."""
         if images.dtype == torch.uint8:
             images = images.float().div(127.5).sub(1.0)
         return self.image_tokenizer.encode(images.to(self.device))
@@ -448,23 +472,30 @@ class MMGenerator(PreTrainedModel):
         batch_size: int = 64,
     ) -> list[str]:
         """A caption per image: greedy by default (``temperature=0``)."""
-        if not self.image_tokenizer.config.is_discrete:
-            raise NotImplementedError("continuous image tokens need the diffusion head (not in this model)")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-        codes = self.encode_images(images)  # (N, h, w)
-        n, h, w = codes.shape
+        tokens = self.encode_images(images)  # (N, h, w) codes or (N, h, w, D) raw latents
+        n, h, w = tokens.shape[:3]
         cfg, tok = self.decoder.config, self.text_tokenizer
         generator = self._generator(seed)
-        prefix = torch.tensor([tok.bos_id, tok.boi_id, tok.h_token(h), tok.w_token(w)], device=codes.device)
-        suffix = torch.tensor([tok.eoi_id], device=codes.device)
+        device = tokens.device
+        prefix = torch.tensor([tok.bos_id, tok.boi_id, tok.h_token(h), tok.w_token(w)], device=device)
+        suffix = torch.tensor([tok.eoi_id], device=device)
         # <bos> <boi> <h> <w> | h*w codes | <eoi>: text 4, image (h, w), text 1
         positions = multimodal_positions(
-            [("text", 4), ("image", (h, w)), ("text", 1)], cfg.rope_scheme, device=codes.device
+            [("text", 4), ("image", (h, w)), ("text", 1)], cfg.rope_scheme, device=device
         )  # (4 + h*w + 1, 2)
-        ids = torch.cat(
-            [prefix.expand(n, 4), codes.reshape(n, h * w) + cfg.code_offset, suffix.expand(n, 1)], dim=1
-        )  # (N, 4 + h*w + 1)
+        latents = latent_mask = None
+        if self.is_continuous:
+            image_ids = torch.full((n, h * w), cfg.latent_token_id, dtype=torch.long, device=device)
+            normed = self.image_tokenizer.normalize_latents(tokens).reshape(n, h * w, -1)  # (N, h*w, D)
+            latents = torch.zeros(n, 4 + h * w + 1, normed.shape[-1], device=device)  # (N, 4 + h*w + 1, D)
+            latents[:, 4 : 4 + h * w] = normed
+            latent_mask = torch.zeros(n, 4 + h * w + 1, dtype=torch.bool, device=device)
+            latent_mask[:, 4 : 4 + h * w] = True
+        else:
+            image_ids = tokens.reshape(n, h * w) + cfg.code_offset
+        ids = torch.cat([prefix.expand(n, 4), image_ids, suffix.expand(n, 1)], dim=1)  # (N, 4 + h*w + 1)
         captions: list[str] = []
         for part in _batches(n, batch_size):
             rows = ids[part]
@@ -473,6 +504,8 @@ class MMGenerator(PreTrainedModel):
                 rows,
                 positions.expand(rows.shape[0], -1, -1),
                 max_new_tokens,
+                prompt_latents=None if latents is None else latents[part].to(self.decoder.dtype),
+                prompt_latent_mask=None if latent_mask is None else latent_mask[part],
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,

@@ -1,6 +1,6 @@
 """``pipeline("text-to-image", model=DIR_OR_REPO)``: prompts in, PIL images out.
 
-A thin :class:`transformers.Pipeline` over :meth:`ar_model.generator.MMGenerator.text_to_codes`:
+A thin :class:`transformers.Pipeline` over :meth:`ar_model.generator.MMGenerator.text_to_tokens`:
 prompts are checked, batched (``batch_size``), sampled with classifier-free guidance and decoded
 by the model's own image tokenizer. Each image's randomness depends only on the seed, its prompt
 and its index for that prompt, so a list of prompts gives the same images as one prompt at a time.
@@ -29,6 +29,7 @@ _CALL_KEYS = (
     "top_k",
     "top_p",
     "num_inference_steps",
+    "sampler",
     "height",
     "width",
     "generator",
@@ -53,7 +54,9 @@ class TextToImagePipeline(MMPipeline):
     * ``height``, ``width``: pixels, a multiple of the tokenizer's factor (default: the training size);
     * ``generator``: a ``torch.Generator`` or an int seed (None: drawn from torch's global RNG);
     * ``batch_size`` (16) rows per forward pass; ``progress_bar`` (True) shows a tqdm bar per batch;
-    * ``num_inference_steps``: for diffusion-head models; ignored (with a warning) by discrete ones.
+    * ``num_inference_steps`` (4) and ``sampler`` ("euler" | "heun"): the diffusion head's steps, for
+      models with continuous image tokens; ``num_inference_steps`` is ignored, with a warning, by discrete
+      ones (``top_k``/``top_p`` apply to discrete codes only).
 
     Returns ``[{"image": PIL.Image}, ...]`` (``num_images_per_prompt`` dicts) for one prompt and a
     list of such lists for a list of prompts.
@@ -77,8 +80,8 @@ class TextToImagePipeline(MMPipeline):
 
     def _forward(self, model_inputs: dict[str, Any], **params: Any) -> dict[str, Any]:
         model: MMGenerator = self.model
-        steps = params.pop("num_inference_steps", None)
-        if steps is not None and model.image_tokenizer.config.is_discrete:
+        if "num_inference_steps" in params and not model.is_continuous:
+            params.pop("num_inference_steps")
             warnings.warn(
                 "num_inference_steps applies to diffusion-head models; this model samples discrete codes "
                 "token by token, so it is ignored",
@@ -93,11 +96,11 @@ class TextToImagePipeline(MMPipeline):
             )
         batch_size = params.pop("batch_size", None) or self._batch_size or 16
         progress = params.pop("progress_bar", True)
-        codes = model.text_to_codes(
+        tokens = model.text_to_tokens(
             model_inputs["prompts"], seed=generator, batch_size=batch_size, progress=progress, **params
-        )  # (N * k, h, w)
+        )  # (N * k, h, w) codes or (N * k, h, w, D) latents
         k = params.get("num_images_per_prompt", 1)
-        return {"images": model.decode_codes(codes), "per_prompt": k}
+        return {"images": model.decode_tokens(tokens), "per_prompt": k}
 
     def postprocess(self, outputs: dict[str, Any], single: bool = False) -> list:
         images, k = _to_pil(outputs["images"]), outputs["per_prompt"]

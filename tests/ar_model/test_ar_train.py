@@ -65,7 +65,7 @@ def test_short_run_learns_and_leaves_a_loadable_folder(tmp_path, tokenizer_dir):
         assert metrics[key] > 0
     assert [json.loads(x)["step"] for x in (run / "val_log.jsonl").read_text().splitlines()] == [15]
     assert (run / "samples" / "step-000015.png").is_file() and (run / "samples" / "final.png").is_file()
-    gen = MMGenerator.load(run / "final")
+    gen = MMGenerator.from_pretrained(run / "final")
     images = gen.text_to_image(["a red circle", "the digit seven"], guidance_scale=2.0)
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
     captions = gen.image_to_text(images, max_new_tokens=6)
@@ -144,4 +144,4 @@ def test_two_process_run_keeps_ranks_identical(tmp_path, tokenizer_dir):
     digests = metrics["rank_param_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
     assert (run / "checkpoints" / "step-3").is_dir()
-    MMGenerator.load(run / "final")
+    MMGenerator.from_pretrained(run / "final")

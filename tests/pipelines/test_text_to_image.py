@@ -64,8 +64,8 @@ def test_a_list_of_prompts_is_batched_and_equals_one_prompt_at_a_time(t2i):
 def test_guidance_changes_the_images_and_scale_one_is_unguided(t2i, model_dir):
     one = _arrays(t2i("a red circle", guidance_scale=1.0, generator=3, progress_bar=False))
     gen = t2i.model
-    codes = gen.text_to_codes(["a red circle"], guidance_scale=1.0, seed=3)
-    assert (np.asarray(one[0]) == gen.decode_codes(codes)[0].permute(1, 2, 0).numpy()).all()
+    codes = gen.text_to_tokens(["a red circle"], guidance_scale=1.0, seed=3)
+    assert (np.asarray(one[0]) == gen.decode_tokens(codes)[0].permute(1, 2, 0).numpy()).all()
     strong = _arrays(t2i("a red circle", guidance_scale=5.0, generator=3, progress_bar=False))
     assert (one[0] != strong[0]).any()
 
