@@ -70,3 +70,12 @@ def test_bench_packing_quick(tmp_path):
     assert packed["useful_tokens"] == padded["useful_tokens"]  # the same documents, once each
     assert packed["useful_fraction"] > padded["useful_fraction"]
     assert packed["useful_tokens_per_s"] > 0 and padded["useful_tokens_per_s"] > 0
+
+
+def test_bench_diffusion_head_quick(tmp_path):
+    out = tmp_path / "head.json"
+    rows = _run("bench_diffusion_head.py", "--out", str(out), "--threads", "1")
+    assert len(rows) == 1 and json.loads(out.read_text()) == rows[0]
+    names = [r["name"] for r in rows[0]["rows"]]
+    assert names == ["euler-50", "shortcut-1", "shortcut-2", "shortcut-4"]
+    assert rows[0]["tokens_per_image"] == 64 and all(r["head_ms_per_token"] > 0 for r in rows[0]["rows"])
