@@ -1,23 +1,28 @@
-"""The main job: ``python -m pipelines.quickstart [--out DIR] [--preset default|demo] [--fresh]``.
+"""The main job: embedded data → image tokenizer → decoder → judged images → report, in one command.
+
+    python -m pipelines.quickstart [--out DIR] [--variant discrete|continuous] [--preset default|demo]
+                                   [--fresh]
 
 Runs the whole embedded default on CPU, each step resumable (a finished step leaves a marker and is
 skipped on the next run; ``--fresh`` starts over):
 
 1. build the shapes + digits training data as webdataset shards;
-2. train the FSQ tokenizer on them;
+2. train the image tokenizer on them (``--variant discrete``: FSQ codes; ``continuous``: KL latents);
 3. evaluate it on held-out shapes, digits and real photos;
-4. train the decoder on packed caption→image and image→caption documents (codes extracted by the
-   frozen tokenizer), as ``accelerate launch`` with two single-threaded processes on CPU;
+4. train the decoder on packed caption→image and image→caption documents (codes or latents extracted
+   by the frozen tokenizer; latents are predicted by the diffusion head), as ``accelerate launch``
+   with two single-threaded processes on CPU;
 5. judge its text-to-image samples per category, classify its digits, score its captions;
 6. write ``DIR/report/report.md`` with metrics, grids and loss curves.
 
 ``DIR/model`` is the trained folder (decoder + text tokenizer + image tokenizer,
-:class:`ar_model.generator.MMGenerator`). The pipelines of Stage 3 will load the same folder.
+:class:`ar_model.generator.MMGenerator`), which ``pipeline("text-to-image", model=DIR/model)`` loads.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -41,10 +46,10 @@ class QuickstartPreset:
 
     shapes_num: int
     digits_num: int
-    tokenizer_config: str  # a YAML file in tokenizers_mm/configs
     tokenizer_steps: int | None  # None: the config's max_steps
     eval_num: int
-    decoder_config: str = "shapes_cpu.yaml"  # a YAML file in ar_model/configs
+    tokenizer_config: str = "fsq_8x8.yaml"  # a YAML file in tokenizers_mm/configs (set by the variant)
+    decoder_config: str = "shapes_cpu.yaml"  # a YAML file in ar_model/configs (set by the variant)
     decoder_steps: int | None = None  # None: the config's max_steps
     decoder_processes: int = 2  # DDP processes (one thread each)
     decoder_overrides: tuple[str, ...] = ()  # extra --key value for ar_model.train
@@ -54,13 +59,10 @@ class QuickstartPreset:
 
 
 PRESETS: dict[str, QuickstartPreset] = {
-    "default": QuickstartPreset(
-        shapes_num=20000, digits_num=4000, tokenizer_config="fsq_8x8.yaml", tokenizer_steps=None, eval_num=512
-    ),
+    "default": QuickstartPreset(shapes_num=20000, digits_num=4000, tokenizer_steps=None, eval_num=512),
     "demo": QuickstartPreset(
         shapes_num=4000,
         digits_num=1000,
-        tokenizer_config="fsq_8x8.yaml",
         tokenizer_steps=200,
         eval_num=128,
         decoder_steps=150,
@@ -72,7 +74,6 @@ PRESETS: dict[str, QuickstartPreset] = {
     "smoke": QuickstartPreset(
         shapes_num=256,
         digits_num=64,
-        tokenizer_config="fsq_8x8.yaml",
         tokenizer_steps=4,
         eval_num=16,
         decoder_steps=3,
@@ -102,6 +103,25 @@ PRESETS: dict[str, QuickstartPreset] = {
         n_per_category=2,
         n_digits=1,
         n_captions=2,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What ``--variant`` changes: the tokenizer and decoder configs and how images are sampled."""
+
+    tokenizer_config: str
+    decoder_config: str
+    sampling: dict[str, Any]
+
+
+VARIANTS: dict[str, Variant] = {
+    "discrete": Variant("fsq_8x8.yaml", "shapes_cpu.yaml", {"guidance_scale": 1.5, "temperature": 1.0}),
+    "continuous": Variant(
+        "kl_8x8.yaml",
+        "shapes_kl_cpu.yaml",
+        {"guidance_scale": 1.5, "temperature": 1.0, "num_inference_steps": 4},
     ),
 }
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "tokenizers_mm" / "configs"
@@ -225,7 +245,9 @@ def step_decoder(
     return run / "final"
 
 
-def step_evaluate_decoder(out: Path, preset: QuickstartPreset, model_dir: Path) -> dict[str, Any]:
+def step_evaluate_decoder(
+    out: Path, preset: QuickstartPreset, model_dir: Path, sampling: dict[str, Any]
+) -> dict[str, Any]:
     from ar_model.evaluate import (
         evaluate_captions,
         evaluate_digits,
@@ -240,11 +262,11 @@ def step_evaluate_decoder(out: Path, preset: QuickstartPreset, model_dir: Path) 
         print("[5/6] judge: done, skipping")
         return json.loads(marker.read_text())
     gen = MMGenerator.from_pretrained(model_dir)
-    t2i = evaluate_text_to_image(gen, n_per_category=preset.n_per_category)
-    digits = evaluate_digits(gen, n_per_digit=preset.n_digits)
+    t2i = evaluate_text_to_image(gen, n_per_category=preset.n_per_category, **sampling)
+    digits = evaluate_digits(gen, n_per_digit=preset.n_digits, **sampling)
     captions = evaluate_captions(gen, n=preset.n_captions)
     metrics = metrics_dict(t2i, digits, captions)
-    metrics["sampling"] = {"guidance_scale": 1.5, "temperature": 1.0}
+    metrics["sampling"] = sampling
     grids = {}
     for result in (t2i, digits, captions):
         grids.update({k: v.name for k, v in sample_grids(result, out / "eval" / "grids").items()})
@@ -395,6 +417,19 @@ def record_metrics_in_card(model_dir: Path, tokenizer: dict[str, Any], decoder: 
         gen.save_pretrained(model_dir)
 
 
+def check_variant(out: Path, variant: str) -> None:
+    """One output folder holds one variant: finished steps of the other must not be reused."""
+    marker = out / "variant.json"
+    if marker.is_file():
+        found = json.loads(marker.read_text())["variant"]
+        if found != variant:
+            raise SystemExit(
+                f"{out} holds a --variant {found} run; use another --out, or --fresh to start over"
+            )
+    else:
+        _mark(marker, {"variant": variant})
+
+
 def main(argv: list[str] | None = None) -> Path:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -403,7 +438,10 @@ def main(argv: list[str] | None = None) -> Path:
         "--preset", default="default", choices=list(PRESETS), help="default (~quality) or demo (fast)"
     )
     p.add_argument(
-        "--variant", default="discrete", choices=["discrete"], help="token kind (continuous: issue 4)"
+        "--variant",
+        default="discrete",
+        choices=list(VARIANTS),
+        help="image tokens: discrete FSQ codes (LM head) or continuous KL latents (diffusion head)",
     )
     p.add_argument("--fresh", action="store_true", help="delete DIR and start over")
     args, tokenizer_overrides = p.parse_known_args(argv)
@@ -411,7 +449,11 @@ def main(argv: list[str] | None = None) -> Path:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    preset = PRESETS[args.preset]
+    variant = VARIANTS[args.variant]
+    check_variant(out, args.variant)
+    preset = dataclasses.replace(
+        PRESETS[args.preset], tokenizer_config=variant.tokenizer_config, decoder_config=variant.decoder_config
+    )
     t0 = time.time()
     print(f"[1/6] data → {out / 'data'}")
     data_paths = step_data(out, preset)
@@ -427,7 +469,7 @@ def main(argv: list[str] | None = None) -> Path:
 
         atomic_save_dir(model, lambda d: shutil.copytree(decoder, d, dirs_exist_ok=True))
     print("[5/6] judge text-to-image, digits and captions")
-    decoder_metrics = step_evaluate_decoder(out, preset, model)
+    decoder_metrics = step_evaluate_decoder(out, preset, model, variant.sampling)
     record_metrics_in_card(model, metrics, decoder_metrics)
     print("[6/6] report")
     report = step_report(out, args, metrics, argv, decoder_metrics)
