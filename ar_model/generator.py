@@ -39,6 +39,7 @@ from ar_model.modeling import MMDecoderForCausalLM
 from ar_model.positions import multimodal_positions
 from ar_model.text_tokenizer import TextTokenizer
 from tokenizers_mm.checkpoints import atomic_save_dir
+from tokenizers_mm.hub import push_folder
 from tokenizers_mm.identity import tokenizer_fingerprint
 from tokenizers_mm.modeling import ImageTokenizer
 
@@ -230,15 +231,17 @@ class MMGenerator(PreTrainedModel):
         """
         if kwargs:
             raise TypeError(f"push_to_hub: unexpected arguments {sorted(kwargs)}")
-        return push_folder_to_hub(
-            self.save_pretrained,
-            repo_id,
-            private=private,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-            commit_message=commit_message or "Upload MMGenerator",
-        )
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model")
+            return push_folder(
+                folder,
+                repo_id,
+                private=private,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=commit_message or "Upload MMGenerator",
+            )
 
     @classmethod
     def from_pretrained(
@@ -515,41 +518,6 @@ class MMGenerator(PreTrainedModel):
                 row = row[: row.index(cfg.eos_id)] if cfg.eos_id in row else row
                 captions.append(tok.decode([t for t in row if t != cfg.pad_id]))
         return captions
-
-
-def push_folder_to_hub(
-    save: Any,
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    token: str | bool | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-    commit_message: str = "Upload model",
-):
-    """``save(tmp_dir)`` a folder, then create ``repo_id`` and upload it as one commit (huggingface_hub)."""
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    api = HfApi(token=token, library_name="mmgen-toolkit")
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
-    if revision is not None and not revision.startswith("refs/pr"):
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "model"
-        save(folder)
-        # One commit with every file of the folder (CommitOperationAdd per file, paths relative to it).
-        operations = [
-            CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
-            for path in sorted(folder.rglob("*"))
-            if path.is_file()
-        ]
-        return api.create_commit(
-            repo_id,
-            operations,
-            commit_message=commit_message,
-            revision=revision,
-            create_pr=create_pr,
-        )
 
 
 # `AutoModelForImageTextToText.from_pretrained(DIR)` loads the whole folder (the decoder's own Auto
