@@ -60,12 +60,40 @@ def run_launch(cmd: list[str], env: dict[str, str], timeout: float = 300) -> sub
     raise AssertionError("unreachable")
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux /proc), children first found first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the whole process group of ``proc`` (the launcher and every rank) and reap it."""
+    """SIGKILL the launcher, its process group and every descendant, as a node failure would, and reap it.
+
+    torch's elastic agent starts each rank in a session of its own, so the launcher's process group
+    alone would leave the ranks running (orphaned, waiting on a dead peer); they are found through
+    /proc before anything is killed.
+    """
+    ranks = _descendants(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for pid in ranks:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
 
 
