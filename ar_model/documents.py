@@ -1,7 +1,10 @@
-"""Training documents for Stage 2: image codes + captions → packed rows, as a pure function of the step.
+"""Training documents for Stage 2: image tokens + captions → packed rows, as a pure function of the step.
 
-Every sample ``(codes (h, w), caption)`` becomes one document per epoch, in one of the two orders
-the model learns (issue 3):
+Every sample ``(tokens, caption)`` becomes one document per epoch, in one of the two orders the model
+learns (issue 3). Image tokens are discrete codes ``(h, w)`` or continuous (normalized) latents
+``(h, w, D)`` (issue 4): latents sit at placeholder ids and travel beside ``input_ids`` as per-token
+``latents (n, D)`` and ``latent_mask (n,)`` (zeros / false elsewhere, also in documents without an
+image), so a packed batch carries ``latents (rows, max_len, D)`` aligned with its ``input_ids``.
 
 * text-to-image ``<bos> caption <boi> <h> <w> codes <eoi> <eos>`` with probability ``t2i_fraction``;
   its caption is dropped to empty with probability ``caption_drop`` (the unconditional branch of
@@ -41,16 +44,24 @@ class DocSpec:
 
 
 class CodesCorpus:
-    """Image codes ``(N, h, w)`` with their captions, tokenized once (captions cut to fit ``max_len``)."""
+    """Image tokens with their captions, tokenized once (captions cut to fit ``max_len``).
+
+    ``codes`` is an integer tensor ``(N, h, w)`` of discrete codes, or a float tensor ``(N, h, w, D)`` of
+    continuous latents, already normalized with the tokenizer's stats (the decoder sees them as they are).
+    """
 
     def __init__(self, codes: torch.Tensor, captions: list[str], tokenizer: TextTokenizer, max_len: int):
-        if codes.dim() != 3 or codes.is_floating_point():
+        continuous = codes.is_floating_point()
+        if codes.dim() != (4 if continuous else 3) or codes.dtype == torch.bool or codes.is_complex():
             raise ValueError(
-                f"codes must be an integer tensor (N, h, w), got {tuple(codes.shape)} {codes.dtype}"
+                "codes must be an integer tensor (N, h, w) or a float tensor (N, h, w, D) of latents, got "
+                f"{tuple(codes.shape)} {codes.dtype}"
             )
+        if continuous and not bool(torch.isfinite(codes).all()):
+            raise ValueError("continuous latents hold NaN or inf (are the tokenizer's latent_std all > 0?)")
         if len(captions) != codes.shape[0]:
             raise ValueError(f"{codes.shape[0]} code grids but {len(captions)} captions")
-        h, w = codes.shape[1:]
+        h, w = codes.shape[1:3]
         budget = max_len - h * w - DOC_OVERHEAD  # tokens left for the caption
         if budget < 0:
             raise ValueError(
@@ -77,12 +88,19 @@ class CodesCorpus:
     def grid(self) -> tuple[int, int]:
         return int(self.codes.shape[1]), int(self.codes.shape[2])
 
+    @property
+    def latent_dim(self) -> int:
+        """Channels of a continuous token; 0 for discrete codes."""
+        return int(self.codes.shape[3]) if self.codes.is_floating_point() else 0
+
     def length(self, spec: DocSpec) -> int:
         h, w = self.grid
         return (0 if spec.drop_caption else len(self.caption_ids[spec.sample])) + h * w + DOC_OVERHEAD
 
     def document(self, spec: DocSpec, scheme: str, code_offset: int) -> dict[str, torch.Tensor]:
-        """Per-token tensors of one document (``input_ids, positions, labels, modality, task``)."""
+        """Per-token tensors of one document (``input_ids, positions, labels, modality``, for latents
+        ``latents, latent_mask``, then ``task``). Latents sit at the placeholder id ``code_offset`` (the
+        decoder's ``latent_token_id``)."""
         caption = self.texts[spec.sample]
         codes = self.codes[spec.sample]
         if spec.task == T2I:
@@ -90,7 +108,12 @@ class CodesCorpus:
         else:
             segments = image_to_text_document(codes, caption)
         seq = build_sequence(
-            segments, self.tokenizer, scheme=scheme, code_offset=code_offset, drop_caption=spec.drop_caption
+            segments,
+            self.tokenizer,
+            scheme=scheme,
+            code_offset=code_offset,
+            image_token_id=code_offset if self.latent_dim else None,
+            drop_caption=spec.drop_caption,
         )
         doc = seq.as_document()
         doc["task"] = torch.full((len(seq),), spec.task, dtype=torch.long)
@@ -194,11 +217,35 @@ def batch_from_rows(
             n = doc["input_ids"].shape[0]
             plan_rows[-1].append((len(docs), 0, n))
             docs.append(doc)
+    docs = with_latents(docs, corpus.latent_dim)
     lengths = [d["input_ids"].shape[0] for d in docs]
     plan = PackPlan(rows=plan_rows, max_len=max_len, lengths=lengths)
     if any(sum(e - s for _, s, e in row) > max_len for row in plan_rows):
         plan = pack_documents(lengths, max_len)  # a re-encoded caption came out longer than planned
     return build_packed_batch(docs, plan, pad_id=pad_id)
+
+
+def with_latents(docs: list[dict[str, torch.Tensor]], latent_dim: int) -> list[dict[str, torch.Tensor]]:
+    """Give every document ``latents (n, latent_dim)`` and ``latent_mask (n,)`` (zeros and false where it
+    has none, e.g. a text-only document), placed before ``task``, so that documents with and without
+    images pack into one batch whose latents line up with ``input_ids``. ``latent_dim = 0``: unchanged."""
+    if not latent_dim:
+        return docs
+    out = []
+    for doc in docs:
+        n = doc["input_ids"].shape[0]
+        latents = doc.get("latents")
+        if latents is not None and latents.shape[-1] != latent_dim:
+            raise ValueError(f"a document has {latents.shape[-1]}-channel latents, expected {latent_dim}")
+        if latents is None:
+            latents = torch.zeros(n, latent_dim, device=doc["input_ids"].device)  # (n, D)
+        mask = doc.get("latent_mask")
+        if mask is None:
+            mask = torch.zeros(n, dtype=torch.bool, device=doc["input_ids"].device)  # (n,)
+        rest = {k: v for k, v in doc.items() if k not in ("latents", "latent_mask", "task")}
+        tail = {"task": doc["task"]} if "task" in doc else {}
+        out.append({**rest, "latents": latents, "latent_mask": mask, **tail})
+    return out
 
 
 def eval_batches(

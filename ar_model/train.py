@@ -14,6 +14,15 @@ One linear ``main(cfg)``: setup → data → train loop → checkpoints → fina
 * **Loop.** Gradient accumulation, cosine schedule with warm-up, optional EMA weights, non-finite
   steps skipped (all ranks agree), periodic validation loss and a sample grid PNG of text-to-image
   generations, atomic checkpoints.
+* **Continuous tokens** (issue 4). With a continuous or raw-patch tokenizer the cache holds raw latents,
+  normalized here with the per-channel stats stored in the tokenizer's config (a tokenizer without them
+  is refused before any work). The decoder gets ``latent_dim`` = the tokenizer's token dimension, one
+  image-code id (the latent placeholder) and a diffusion head (``--model.diffusion_head '{"width": 256}'``,
+  ``--model.flow_loss '{"weight": 1.0}'``); its loss is text cross-entropy + weight · flow loss. The flow
+  loss draws its noise and times from :func:`flow_generator` (a pure function of seed, micro-step and
+  rank: resume stays bitwise exact, ranks draw different noise). In causal image attention every latent
+  is a next-token target, as discrete codes are; with ``image_attention: bidirectional`` caption→image
+  images are masked MAR-style (:func:`visible_latents`) and image→caption images stay whole inputs.
 * **Output.** ``output_dir/final`` is an :class:`ar_model.generator.MMGenerator` folder (decoder,
   text tokenizer, image tokenizer) that loads with ``from_pretrained``; ``metrics.json`` beside it.
 
@@ -24,6 +33,7 @@ CPU default is fp32 (bf16 on these CPUs is 30–80× slower); pass ``--mixed_pre
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -40,12 +50,15 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from ar_model.attention import doc_ids_from_seq_lens
 from ar_model.config import MMDecoderConfig, vocab_layout
 from ar_model.documents import I2T, T2I, CodesCorpus, PackedBatches, eval_batches
+from ar_model.flow_matching import flow_matching_loss
 from ar_model.generator import MMGenerator
+from ar_model.image_blocks import image_block_ids, sample_visible_latents
 from ar_model.modeling import MMDecoderForCausalLM
 from ar_model.packing import IGNORE_INDEX, TokenBatch
-from ar_model.presets import PRESETS, count_parameters, preset_config
+from ar_model.presets import PRESETS, preset_config
 from ar_model.text_tokenizer import TextTokenizer, train_text_tokenizer
 from tokenizers_mm.checkpoints import (
     atomic_write_text,
@@ -54,7 +67,7 @@ from tokenizers_mm.checkpoints import (
     save_checkpoint,
 )
 from tokenizers_mm.config_io import ConfigError, check_keys, load_config, to_dict
-from tokenizers_mm.modeling import ImageTokenizer
+from tokenizers_mm.modeling import ImageTokenizer, ImageTokenizerConfig
 from tokenizers_mm.train import param_digest
 from tokenizers_mm.train_step import NonfiniteGuard, check_finite_weights, guarded_update
 
@@ -102,6 +115,9 @@ class TrainConfig:
     guidance_scale: float = 1.5  # for the sample grids (1.5 beat 1, 2, 3 and 5 on the shipped CPU model)
     temperature: float = 1.0
     top_k: int = 0  # 0 disables top-k
+    num_inference_steps: int = (
+        4  # continuous tokens: diffusion-head (shortcut) steps per token in sample grids
+    )
     log_every: int = 25
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
     allow_pipe: bool = False  # accept `pipe:CMD` dataset URLs (they run CMD in a shell)
@@ -132,6 +148,7 @@ class TrainConfig:
             "max_len",
             "max_nonfinite",
             "text_vocab_size",
+            "num_inference_steps",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -178,9 +195,84 @@ class TrainConfig:
             raise ValueError(
                 f"tokenizer {self.tokenizer!r} is not a saved Stage-1 tokenizer folder (no config.json)"
             )
+        tok_config = ImageTokenizerConfig.from_pretrained(self.tokenizer)
+        check_latent_stats(tok_config, self.tokenizer)
         # Unknown keys and impossible values of the decoder (the vocabulary is filled in at startup).
         check_keys(MMDecoderConfig, self.model)
-        preset_config(self.preset, **self.model)
+        decoder = preset_config(
+            self.preset, **{**image_layout(tok_config, self.tokenizer, self.model), **self.model}
+        )
+        decoder.check_latent_dim(None if tok_config.is_discrete else tok_config.token_dim)
+
+
+def check_latent_stats(tok_config: ImageTokenizerConfig, where: str) -> None:
+    """ValueError unless a continuous tokenizer config holds finite per-channel latent stats (std > 0):
+    the decoder trains on, and generates, normalized latents."""
+    if tok_config.is_discrete:
+        return
+    mean, std, dim = tok_config.latent_mean, tok_config.latent_std, tok_config.token_dim
+    if mean is None or std is None:
+        raise ValueError(
+            f"{where} is a {tok_config.bottleneck} tokenizer without latent statistics (latent_mean/"
+            "latent_std in its config.json); Stage 2 trains on normalized latents. tokenizers_mm.train "
+            "stores them for a continuous tokenizer; otherwise compute them with "
+            "tokenizers_mm.continuous.latent_stats on training latents, set config.latent_mean/latent_std "
+            "and save_pretrained"
+        )
+    if len(mean) != dim or len(std) != dim:
+        raise ValueError(
+            f"{where}: latent_mean/latent_std need {dim} values each, got {len(mean)}/{len(std)}"
+        )
+    if not all(math.isfinite(m) for m in mean) or not all(math.isfinite(s) and s > 0 for s in std):
+        raise ValueError(
+            f"{where}: latent_mean must be finite and latent_std finite and > 0, got {mean}, {std}"
+        )
+
+
+CONTINUOUS_KEYS = ("latent_dim", "diffusion_head", "flow_loss")
+LOSS_PARTS = ("text_loss", "flow_loss", "flow_matching_loss", "shortcut_loss")  # logged for continuous models
+
+
+def image_layout(tok_config: ImageTokenizerConfig, where: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Decoder fields set by the image tokenizer: for continuous tokens ``latent_dim`` (its token
+    dimension) and a single image-code id (the latent placeholder); nothing for discrete codes, whose
+    codebook size the vocabulary layout carries."""
+    if tok_config.is_discrete:
+        given = [k for k in CONTINUOUS_KEYS if k in overrides]
+        if given:
+            raise ValueError(
+                f"--model.{given[0]} applies to continuous image tokens; {where} is a discrete "
+                f"{tok_config.bottleneck} tokenizer"
+            )
+        return {}
+    return {"latent_dim": tok_config.token_dim, "num_image_codes": 1}
+
+
+def flow_generator(seed: int, micro_step: int, rank: int, device: torch.device) -> torch.Generator:
+    """The generator of one micro-step's flow-loss noise, times and image masks on one rank: a pure
+    function of ``(seed, micro_step, rank)``, so a resumed run draws exactly what the uninterrupted run
+    drew, and ranks (different data) also draw different noise."""
+    g = torch.Generator(device=device)
+    g.manual_seed(((seed * 1_000_003 + micro_step) * 65_537 + rank) % (1 << 63))
+    return g
+
+
+def visible_latents(
+    input_ids: torch.Tensor,
+    latent_mask: torch.Tensor,
+    task: torch.Tensor,
+    seq_lens: list[list[int]],
+    latent_token_id: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """``(b, n)`` bool: the latents given as input in a bidirectional-image step (MAR, Li et al. 2024,
+    arXiv:2406.11838). Caption→image images are masked at a random ratio per image
+    (:func:`~ar_model.image_blocks.sample_visible_latents`; the masked ones become the flow targets);
+    image→caption images stay whole, an input only."""
+    segments = doc_ids_from_seq_lens(seq_lens, input_ids.shape[1], input_ids.device)  # (b, n)
+    blocks = image_block_ids(input_ids, latent_token_id, segments)  # (b, n)
+    visible = sample_visible_latents(blocks, generator)  # (b, n)
+    return latent_mask & torch.where(task == T2I, visible, torch.ones_like(visible))
 
 
 # ----------------------------------------------------------------------------- data
@@ -226,7 +318,8 @@ def _cached_codes_match(folder: Path, source: str, num: int, resolution: int, se
 
 
 def _load_all(folders: list[Path], tokenizer: ImageTokenizer) -> tuple[torch.Tensor, list[str]]:
-    """Concatenate codes folders after checking each was made by this tokenizer."""
+    """Concatenate codes folders after checking each was made by this tokenizer: codes ``(N, h, w)``
+    long, or continuous latents ``(N, h, w, D)`` normalized with the tokenizer's stored stats."""
     from data.codes import load_codes
 
     codes, captions = [], []
@@ -238,9 +331,12 @@ def _load_all(folders: list[Path], tokenizer: ImageTokenizer) -> tuple[torch.Ten
             raise ValueError(
                 f"{folder}: grid {tuple(data.tokens.shape[1:])} differs from {tuple(codes[0].shape[1:])}"
             )
-        codes.append(data.tokens.long())
+        codes.append(data.tokens.float() if data.tokens.is_floating_point() else data.tokens.long())
         captions.extend(data.captions)
-    return torch.cat(codes), captions
+    tokens = torch.cat(codes)  # (N, h, w) or (N, h, w, D)
+    if tokens.is_floating_point():
+        tokens = tokenizer.normalize_latents(tokens)  # raw latents → zero mean, unit std per channel
+    return tokens, captions
 
 
 def _text_tokenizer(
@@ -256,24 +352,56 @@ def _text_tokenizer(
 
 def _to_device(batch: TokenBatch, device: torch.device) -> dict[str, Any]:
     t = batch.tensors
-    return {
+    inputs = {
         "input_ids": t["input_ids"].to(device),
         "positions": t["positions"].to(device),
         "labels": t["labels"].to(device),
         "doc_ids": batch.doc_ids.to(device),
         "seq_lens": batch.seq_lens,
     }
+    if "latents" in t:  # continuous tokens: always passed, so the head sees a gradient on every rank
+        inputs["latents"] = t["latents"].to(device)  # (rows, max_len, D)
+        inputs["latent_mask"] = t["latent_mask"].to(device)  # (rows, max_len)
+    return inputs
+
+
+def _model_inputs(
+    batch: TokenBatch, model_cfg: MMDecoderConfig, device: torch.device, generator: torch.Generator | None
+) -> dict[str, Any]:
+    """Forward arguments of a training or validation step; continuous models also get the flow
+    generator, and with bidirectional image attention the MAR-masked ``latent_mask``."""
+    inputs = _to_device(batch, device)
+    if model_cfg.latent_dim:
+        inputs["flow_generator"] = generator
+        if model_cfg.image_attention == "bidirectional":
+            task = batch.tensors["task"].to(device)
+            inputs["latent_mask"] = visible_latents(
+                inputs["input_ids"],
+                inputs["latent_mask"],
+                task,
+                batch.seq_lens,
+                model_cfg.latent_token_id,
+                generator,
+            )
+    return inputs
 
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def validation_loss(model: MMDecoderForCausalLM, batches: list[TokenBatch], device: torch.device) -> dict:
     """Mean cross-entropy over all tokens, over image codes of caption→image documents, and over
-    caption tokens (and ``<eos>``) of image→caption documents."""
+    caption tokens (and ``<eos>``) of image→caption documents.
+
+    Continuous models instead report ``val_flow_loss``, the flow-matching loss (``d = 0``, no shortcut
+    rows) on the latents of caption→image documents with a fixed generator (comparable between
+    evaluations), ``val_text_loss`` (cross-entropy over all labels) and ``val_loss = val_text_loss +
+    weight · val_flow_loss``.
+    """
     cfg = model.config
+    if cfg.latent_dim:
+        return _continuous_validation_loss(model, batches, device)
     sums = {"val_loss": 0.0, "val_image_loss": 0.0, "val_caption_loss": 0.0}
     counts = dict.fromkeys(sums, 0)
-    prefix = torch.tensor([cfg.bos_id, cfg.boi_id], device=device)
     for batch in batches:
         inputs = _to_device(batch, device)
         labels = inputs.pop("labels")
@@ -282,19 +410,67 @@ def validation_loss(model: MMDecoderForCausalLM, batches: list[TokenBatch], devi
             logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         ).view_as(labels)  # (rows, max_len)
         task = batch.tensors["task"].to(device)
-        ids = inputs["input_ids"]
         real = labels != IGNORE_INDEX
-        is_code = labels >= cfg.code_offset
-        size_tok = (ids >= cfg.size_token_start) & (ids < cfg.size_token_start + 2 * cfg.max_image_side)
         masks = {
             "val_loss": real,
-            "val_image_loss": real & is_code & (task == T2I),
-            "val_caption_loss": real & ~is_code & (task == I2T) & ~torch.isin(ids, prefix) & ~size_tok,
+            "val_image_loss": real & (labels >= cfg.code_offset) & (task == T2I),
+            "val_caption_loss": _caption_mask(cfg, inputs["input_ids"], labels, task),
         }
         for key, mask in masks.items():
             sums[key] += float(ce[mask].sum())
             counts[key] += int(mask.sum())
     return {k: sums[k] / max(counts[k], 1) for k in sums}
+
+
+def _caption_mask(cfg: MMDecoderConfig, ids: torch.Tensor, labels: torch.Tensor, task: torch.Tensor):
+    """``(rows, max_len)`` bool: label positions of caption tokens (and ``<eos>``) of image→caption
+    documents: not an image code, not after ``<bos>``/``<boi>``, not a size token."""
+    prefix = torch.tensor([cfg.bos_id, cfg.boi_id], device=ids.device)
+    size_tok = (ids >= cfg.size_token_start) & (ids < cfg.size_token_start + 2 * cfg.max_image_side)
+    is_code = labels >= cfg.code_offset
+    real = labels != IGNORE_INDEX
+    return real & ~is_code & (task == I2T) & ~torch.isin(ids, prefix) & ~size_tok
+
+
+def _continuous_validation_loss(
+    model: MMDecoderForCausalLM, batches: list[TokenBatch], device: torch.device
+) -> dict:
+    """:func:`validation_loss` of a continuous-token model."""
+    cfg = model.config
+    flow_cfg = dataclasses.replace(cfg.flow_loss_config, shortcut_fraction=0.0)
+    generator = torch.Generator(device=device).manual_seed(0)
+    sums = {"val_text_loss": 0.0, "val_flow_loss": 0.0, "val_caption_loss": 0.0}
+    counts = dict.fromkeys(sums, 0)
+    for batch in batches:
+        inputs = _model_inputs(batch, cfg, device, generator)
+        labels, _ = inputs.pop("labels"), inputs.pop("flow_generator")
+        out = model(**inputs)
+        ce = F.cross_entropy(
+            out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view_as(labels)  # (rows, max_len)
+        task = batch.tensors["task"].to(device)
+        ids, latents, latent_mask = inputs["input_ids"], inputs["latents"], inputs["latent_mask"]
+        t2i = task == T2I  # (rows, max_len)
+        predict = None
+        if cfg.image_attention == "bidirectional":  # the masked caption→image latents, as in training
+            predict = (ids == cfg.latent_token_id) & ~latent_mask & t2i
+        cond, target = model.flow_pairs(
+            out.last_hidden_state, latents, latent_mask & t2i, inputs["doc_ids"], batch.seq_lens,
+            predict_mask=predict,
+        )  # fmt: skip
+        if cond.shape[0]:
+            flow = flow_matching_loss(model.diffusion_head, cond, target, flow_cfg, generator).flow
+            sums["val_flow_loss"] += float(flow) * cond.shape[0]
+            counts["val_flow_loss"] += cond.shape[0]
+        for key, mask in (
+            ("val_text_loss", labels != IGNORE_INDEX),
+            ("val_caption_loss", _caption_mask(cfg, ids, labels, task)),
+        ):
+            sums[key] += float(ce[mask].sum())
+            counts[key] += int(mask.sum())
+    result = {k: sums[k] / max(counts[k], 1) for k in sums}
+    weight = cfg.flow_loss_config.weight
+    return {"val_loss": result["val_text_loss"] + weight * result["val_flow_loss"], **result}
 
 
 def sample_prompts(n: int, seed: int = 0) -> list[str]:
@@ -314,7 +490,11 @@ def sample_grid(
     from data.images import make_grid
 
     images = gen.text_to_image(
-        prompts, guidance_scale=cfg.guidance_scale, temperature=cfg.temperature, top_k=cfg.top_k or None
+        prompts,
+        guidance_scale=cfg.guidance_scale,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k or None,
+        num_inference_steps=cfg.num_inference_steps,
     )  # (n, 3, H, W) uint8
     pils = [
         Image.fromarray(im.permute(1, 2, 0).cpu().numpy()).resize((im.shape[-1] * 4, im.shape[-2] * 4), 0)
@@ -324,6 +504,19 @@ def sample_grid(
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid(pils, nrow=int(math.ceil(math.sqrt(len(pils))))).save(path)
+
+
+def _try_sample_grid(
+    gen: MMGenerator, prompts: list[str], cfg: TrainConfig, path: Path, write: bool = True, log=print
+) -> list[str]:
+    """:func:`sample_grid`; returns the prompts, or [] (no more grids) when this model cannot generate
+    yet (bidirectional image attention has no sampler): the run goes on without grids."""
+    try:
+        sample_grid(gen, prompts, cfg, path, write=write)
+    except NotImplementedError as e:
+        log(f"sample grids disabled: {e}")
+        return []
+    return prompts
 
 
 def training_card(cfg: TrainConfig, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -363,19 +556,20 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "train_config.json", json.dumps(to_dict(cfg), indent=2))
     image_tokenizer = ImageTokenizer.from_pretrained(cfg.tokenizer, use_safetensors=True).eval()
-    if not image_tokenizer.config.is_discrete:
-        raise ValueError(
-            f"{cfg.tokenizer} is a {image_tokenizer.config.bottleneck} tokenizer; the LM head needs discrete "
-            "codes (fsq or vq)"
-        )
+    tok_config = image_tokenizer.config
+    check_latent_stats(tok_config, cfg.tokenizer)
 
     # ---- data: codes (identity-checked), text tokenizer, packed batches
     folders = _codes_folders(accelerator, cfg, cfg.tokenizer, out_dir)
     codes, captions = _load_all(folders["train"], image_tokenizer)
     text_tok = _text_tokenizer(accelerator, cfg, captions, out_dir)
-    model_cfg = preset_config(
-        cfg.preset, **{**vocab_layout(text_tok, image_tokenizer.config.codebook_size), **cfg.model}
-    )
+    layout = {
+        **vocab_layout(text_tok, tok_config.codebook_size or 1),
+        **image_layout(tok_config, cfg.tokenizer, cfg.model),
+    }
+    model_cfg = preset_config(cfg.preset, **{**layout, **cfg.model})
+    model_cfg.check_latent_dim(None if tok_config.is_discrete else tok_config.token_dim)
+    continuous = bool(model_cfg.latent_dim)
     corpus = CodesCorpus(codes, captions, text_tok, cfg.max_len)
     batch_args = dict(max_len=cfg.max_len, scheme=model_cfg.rope_scheme, code_offset=model_cfg.code_offset)
     batches = PackedBatches(
@@ -396,15 +590,18 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         val_batches = eval_batches(
             val_corpus, tokens_per_batch=cfg.tokens_per_batch, pad_id=model_cfg.pad_id, **batch_args
         )
-    accelerator.print(
-        f"decoder {cfg.preset}: {count_parameters(model_cfg) / 1e6:.2f}M parameters, "
-        f"{model_cfg.rope_scheme}; {len(corpus)} samples of {corpus.grid[0]}x{corpus.grid[1]} codes, "
-        f"text vocab {text_tok.vocab_size}, "
-        f"{batches.batches_per_epoch} batches/epoch/process"
-    )
 
     # ---- model and optimisation
     model = MMDecoderForCausalLM(model_cfg)
+    # (equals presets.count_parameters for a discrete model; a continuous one adds latent_proj and the head)
+    num_params = sum(p.numel() for p in model.parameters())
+    kind = f"{corpus.latent_dim}-channel latents" if continuous else "codes"
+    accelerator.print(
+        f"decoder {cfg.preset}: {num_params / 1e6:.2f}M parameters, "
+        f"{model_cfg.rope_scheme}; {len(corpus)} samples of {corpus.grid[0]}x{corpus.grid[1]} {kind}, "
+        f"text vocab {text_tok.vocab_size}, "
+        f"{batches.batches_per_epoch} batches/epoch/process"
+    )
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -454,11 +651,26 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     model.train()
     while step < cfg.max_steps:
         batch = batches.get(micro)
-        inputs = _to_device(batch, device)
+        generator = flow_generator(cfg.seed, micro, rank, device) if continuous else None
+        inputs = _model_inputs(batch, model_cfg, device, generator)
+        # trained tokens: labelled text/code tokens, plus the image latents of a continuous model
         n_tokens = int((inputs["labels"] != IGNORE_INDEX).sum())
+        bad_latents = False
+        if continuous:
+            n_tokens += int(batch.tensors["latent_mask"].sum())
+            # The model refuses non-finite latents with an error, which under DDP would leave the other
+            # ranks waiting; instead such a batch runs on zeros and its loss is made NaN, so that the
+            # guarded update skips the step on every rank and counts it.
+            bad_latents = not bool(torch.isfinite(inputs["latents"]).all())
+            if bad_latents:
+                inputs["latents"] = torch.zeros_like(inputs["latents"])
         micro += 1
         with accelerator.accumulate(model):
-            loss = model(**inputs).loss
+            out = model(**inputs)
+            loss = out.loss * float("nan") if bad_latents else out.loss
+            # the parts of loss = text_loss + weight · flow_loss (not the logits: they would outlive the step)
+            parts = {k: getattr(out, k).detach() for k in LOSS_PARTS} if continuous else {}
+            del out
             bad = guarded_update(accelerator, loss, model.parameters(), optimizer, scheduler, cfg.grad_clip)
         tokens_seen += n_tokens * world
         tok_window += n_tokens * world
@@ -480,9 +692,15 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
                 "tokens_seen": tokens_seen,
                 "elapsed_s": round(now - t0, 1),
             }
+            record.update({k: float(v) for k, v in parts.items()})
             t_window, tok_window = now, 0
             log("log.jsonl", record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            parts = (
+                {"text": f"{record['text_loss']:.3f}", "flow": f"{record['flow_loss']:.3f}"}
+                if continuous
+                else {}
+            )
+            bar.set_postfix(loss=f"{record['loss']:.3f}", **parts, tok_s=f"{record['tokens_per_s']:.0f}")
         busy = (is_main or collective) and step < cfg.max_steps
         if busy and cfg.eval_every and step % cfg.eval_every == 0 and val_batches:
             m = eval_model().eval()
@@ -495,7 +713,8 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             model.train()
         if busy and cfg.sample_every and step % cfg.sample_every == 0 and prompts:
             gen = MMGenerator(eval_model(), text_tok, image_tokenizer)
-            sample_grid(gen, prompts, cfg, out_dir / "samples" / f"step-{step:06d}.png", write=is_main)
+            path = out_dir / "samples" / f"step-{step:06d}.png"
+            prompts = _try_sample_grid(gen, prompts, cfg, path, is_main, accelerator.print)
             model.train()
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             extras = {"ema": {k: v.detach().clone() for k, v in ema.state_dict().items()}} if ema else None
@@ -530,8 +749,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             "train_time_s": round(train_time, 1),
             "tokens_seen": tokens_seen,
             "tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
-            "params": count_parameters(model_cfg),
+            "params": num_params,
             "preset": cfg.preset,
+            "image_tokens": f"continuous ({model_cfg.latent_dim} channels)" if continuous else "discrete",
             "rope_scheme": model_cfg.rope_scheme,
             "text_vocab_size": text_tok.vocab_size,
             "captions_truncated": corpus.num_truncated,
@@ -539,8 +759,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             "num_processes": world,
             "rank_param_digests": digests,
         }
-        if prompts:
-            sample_grid(gen, prompts, cfg, out_dir / "samples" / "final.png")
+        if prompts and _try_sample_grid(gen, prompts, cfg, out_dir / "samples" / "final.png"):
             gen.card["sample_grid"] = str(out_dir / "samples" / "final.png")
         gen.card["training"] = training_card(cfg, metrics)
         gen.save_pretrained(out_dir / "final", decoder_state_dict=full_state)

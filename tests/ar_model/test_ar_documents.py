@@ -123,3 +123,69 @@ def test_an_epoch_with_fewer_batches_than_the_first_does_not_crash(text_tokenize
     batches._load_epoch(1)
     batches._batches = batches._batches[: 2 * per_epoch - 1]  # as if epoch 1 packed one batch fewer
     assert batches.get(2 * per_epoch - 1)["input_ids"].shape[1] == 256  # the epoch's last step
+
+
+# ----------------------------------------------------------------------------- continuous latents
+def _latent_corpus(text_tokenizer, captions, n=120, grid=(4, 4), dim=3):
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(n, *grid, dim, generator=g)  # (n, h, w, D), as if normalized
+    return CodesCorpus(latents, [captions[i % len(captions)] for i in range(n)], text_tokenizer, 256)
+
+
+def test_packed_latents_unpack_to_each_documents_own(text_tokenizer, captions):
+    corpus = _latent_corpus(text_tokenizer, captions)
+    assert corpus.latent_dim == 3
+    batches = _batches(corpus)
+    batch = batches.get(0)
+    rows, max_len = batch["input_ids"].shape
+    assert batch["latents"].shape == (rows, max_len, 3) and batch["latent_mask"].dtype == torch.bool
+    pad = batch.doc_ids < 0  # (rows, max_len)
+    assert pad.any() and not batch["latent_mask"][pad].any() and (batch["latents"][pad] == 0).all()
+    # the placeholder id marks exactly the latent positions, and no label asks for it
+    assert torch.equal(batch["latent_mask"], batch["input_ids"] == CODE_OFFSET)
+    assert not (batch["labels"] == CODE_OFFSET).any()
+    specs = [spec for row in batches.specs(0) for spec in row]
+    docs = unpack_batch(batch)
+    assert len(docs) == len(specs) > 4
+    for i, spec in enumerate(specs):
+        doc = docs[i]
+        mask = doc["latent_mask"]
+        assert torch.equal(doc["latents"][mask], corpus.codes[spec.sample].reshape(16, 3))  # raster order
+        assert (doc["latents"][~mask] == 0).all()
+        first = int(mask.nonzero()[0])
+        caption = 0 if spec.drop_caption else len(corpus.caption_ids[spec.sample])
+        assert first == (4 if spec.task == I2T else 4 + caption)
+
+
+def test_text_only_documents_pack_beside_latent_documents(text_tokenizer, captions):
+    from ar_model.documents import with_latents
+    from ar_model.packing import build_packed_batch, pack_documents
+    from ar_model.sequence import build_sequence
+
+    corpus = _latent_corpus(text_tokenizer, captions, n=2)
+    image_doc = corpus.document(plan_epoch(2, 0, 0, 1.0, 0.0)[0], "rope_tv", CODE_OFFSET)
+    text_doc = build_sequence([("text", "a red circle")], text_tokenizer).as_document()
+    text_doc["task"] = torch.full((text_doc["input_ids"].shape[0],), T2I)
+    docs = with_latents([text_doc, image_doc], 3)
+    assert list(docs[0]) == list(docs[1])  # same keys, same order: they pack together
+    assert (docs[0]["latents"] == 0).all() and not docs[0]["latent_mask"].any()
+    assert all(torch.equal(docs[1][k], image_doc[k]) for k in image_doc)  # an image document is kept
+    lengths = [d["input_ids"].shape[0] for d in docs]
+    back = unpack_batch(build_packed_batch(docs, pack_documents(lengths, 128)))
+    for i in range(2):
+        for key in docs[i]:
+            assert torch.equal(back[i][key], docs[i][key]), key
+    with pytest.raises(ValueError, match="expected 5"):
+        with_latents([image_doc], 5)
+
+
+def test_eval_batches_carry_latents_and_bad_latents_are_refused(text_tokenizer, captions):
+    corpus = _latent_corpus(text_tokenizer, captions, n=8)
+    batches = eval_batches(corpus, 256, 1024, "rope_tv", CODE_OFFSET, 0)
+    assert sum(int(b["latent_mask"].sum()) for b in batches) == 2 * 8 * 16  # each image in both orders
+    bad = torch.zeros(2, 4, 4, 3)
+    bad[1, 2, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        CodesCorpus(bad, ["a", "b"], text_tokenizer, 128)
+    with pytest.raises(ValueError, match="float tensor"):
+        CodesCorpus(torch.zeros(2, 4, 4, 3, dtype=torch.long), ["a", "b"], text_tokenizer, 128)
