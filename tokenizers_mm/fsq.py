@@ -218,6 +218,38 @@ def fsq_entropy_loss(
     return total / len(levels)
 
 
+def fsq_joint_entropy_loss(
+    z: torch.Tensor, levels: Sequence[int], temperature: float = 0.5, eps: float = FSQ_EPS
+) -> torch.Tensor:
+    """Codebook-level entropy penalty ``E[H(q)] - H(E[q])`` over all ``prod(levels)`` codes, where
+    ``q`` is a vector's soft assignment to whole codes (MAGVIT-v2's entropy loss, Yu et al. 2023,
+    over the implicit FSQ codebook instead of per channel).
+
+    With per-channel soft assignments ``p_i`` (as :func:`fsq_entropy_loss`), ``q`` is their outer
+    product, so ``H(q) = Σ_i H(p_i)``; the batch term needs the batch-mean joint distribution
+    ``E[q]``, a ``(prod(levels),)`` vector. Unlike the per-channel penalty, it rewards using every
+    *combination* of levels, which is what codebook usage counts. Divided by log(codebook size).
+    z: (..., d) → scalar. Memory: ``n × prod(levels)`` floats for n vectors.
+    """
+    bounded = fsq_bound(z.float(), levels, eps).reshape(-1, len(levels))  # (n, d)
+    n = bounded.shape[0]
+    per_vector = bounded.new_zeros(())
+    joint = bounded.new_ones(n, 1)  # (n, 1), grows to (n, prod(levels[:i+1]))
+    for i, level in enumerate(levels):
+        grid = torch.arange(level, device=z.device, dtype=bounded.dtype) - level // 2  # (L,) integer levels
+        logits = -(bounded[:, i : i + 1] - grid).pow(2) / temperature  # (n, L)
+        p = logits.softmax(-1)
+        per_vector = per_vector - (p * logits.log_softmax(-1)).sum(-1).mean()
+        # index = Σ digit_i · Π_{j<i} L_j: channel i varies slowest so far -> (n, L, K) -> (n, L*K)
+        joint = (p[:, :, None] * joint[:, None, :]).reshape(n, -1)
+    marginal = joint.mean(0)  # (K,)
+    batch = -(marginal * marginal.clamp_min(1e-12).log()).sum()
+    return (per_vector - batch) / math.log(math.prod(levels))
+
+
+ENTROPY_MODES = {"channel": fsq_entropy_loss, "joint": fsq_joint_entropy_loss}
+
+
 class FSQ(nn.Module):
     """FSQ bottleneck over channel-last input (..., d), d = len(levels). No parameters; no loss
     unless the optional entropy regularizer is on (``entropy_weight > 0``, training only).
@@ -238,13 +270,17 @@ class FSQ(nn.Module):
         compute_metrics: bool = True,
         entropy_weight: float = 0.0,
         entropy_temperature: float = 0.5,
+        entropy_mode: str = "channel",
     ):
         super().__init__()
         if entropy_weight < 0 or entropy_temperature <= 0:
             raise ValueError("entropy_weight must be >= 0 and entropy_temperature > 0")
         # Optional usage regularizer (fsq_entropy_loss), applied in training only; 0 = plain FSQ.
+        if entropy_mode not in ENTROPY_MODES:
+            raise ValueError(f"entropy_mode must be one of {list(ENTROPY_MODES)}, got {entropy_mode!r}")
         self.entropy_weight = entropy_weight
         self.entropy_temperature = entropy_temperature
+        self.entropy_mode = entropy_mode
         self.levels: list[int] = [int(level) for level in levels]
         if not self.levels or any(level < 2 for level in self.levels):
             raise ValueError(f"FSQ levels must be a non-empty list of ints >= 2, got {list(levels)!r}")
@@ -319,7 +355,8 @@ class FSQ(nn.Module):
         metrics = code_usage_metrics(indices, self.codebook_size) if self.compute_metrics else {}
         loss = torch.zeros((), device=z.device, dtype=orig_dtype)
         if self.entropy_weight > 0 and self.training and z.requires_grad:
-            loss = self.entropy_weight * fsq_entropy_loss(z, self.levels, self.entropy_temperature, self.eps)
+            penalty = ENTROPY_MODES[self.entropy_mode]
+            loss = self.entropy_weight * penalty(z, self.levels, self.entropy_temperature, self.eps)
         return BottleneckOutput(quantized=codes.to(orig_dtype), indices=indices, loss=loss, metrics=metrics)
 
     def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,9 @@ class ImageTokenizerConfig(PretrainedConfig):
         base_channels, channel_mult, num_res_blocks, mid_blocks, norm_groups: the conv autoencoder
             (downsampling factor ``2**(len(channel_mult)-1)``; ignored by "patches").
         fsq_levels: FSQ levels per channel (codebook size = their product).
-        fsq_entropy_weight: weight of FSQ's per-channel entropy penalty (raises codebook usage; 0 = off).
+        fsq_entropy_weight: weight of FSQ's entropy penalty (raises codebook usage; 0 = off).
+        fsq_entropy_mode: "channel" (per-channel levels, :func:`~tokenizers_mm.fsq.fsq_entropy_loss`) or
+            "joint" (whole codes, :func:`~tokenizers_mm.fsq.fsq_joint_entropy_loss`).
         vq_*: VectorQuantizer options (codebook size, code dim, gradient "ste"|"rotation", distance,
             EMA, decay, commitment beta, k-means init, dead-code restart after N unused steps).
         latent_channels, continuous_kind, kl_weight, noise_std: the continuous bottleneck.
@@ -73,6 +75,7 @@ class ImageTokenizerConfig(PretrainedConfig):
         norm_groups: int = 8,
         fsq_levels: list[int] | None = None,
         fsq_entropy_weight: float = 0.0,
+        fsq_entropy_mode: str = "channel",
         vq_codebook_size: int = 1024,
         vq_dim: int = 8,
         vq_gradient: str = "rotation",
@@ -106,6 +109,7 @@ class ImageTokenizerConfig(PretrainedConfig):
         self.norm_groups = norm_groups
         self.fsq_levels = list(fsq_levels) if fsq_levels is not None else [8, 5, 5, 5]
         self.fsq_entropy_weight = fsq_entropy_weight
+        self.fsq_entropy_mode = fsq_entropy_mode
         self.vq_codebook_size = vq_codebook_size
         self.vq_dim = vq_dim
         self.vq_gradient = vq_gradient
@@ -199,7 +203,9 @@ class ImageTokenizer(PreTrainedModel):
             self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)
         else:
             if c.bottleneck == "fsq":
-                self.bottleneck = FSQ(c.fsq_levels, entropy_weight=c.fsq_entropy_weight)
+                self.bottleneck = FSQ(
+                    c.fsq_levels, entropy_weight=c.fsq_entropy_weight, entropy_mode=c.fsq_entropy_mode
+                )
                 enc_out = len(c.fsq_levels)
             elif c.bottleneck == "vq":
                 self.bottleneck = VectorQuantizer(

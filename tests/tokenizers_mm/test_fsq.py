@@ -275,3 +275,34 @@ def test_entropy_weight_adds_loss_only_in_training():
     assert q.train()(z).loss.item() != 0
     assert q.eval()(z).loss.item() == 0
     assert FSQ([8, 5, 5, 5])(z).loss.item() == 0
+
+
+def test_joint_entropy_loss_is_minus_the_code_histogram_entropy_at_low_temperature():
+    """As the soft assignment hardens, E[H(q)] → 0 and H(E[q]) → the entropy of the FSQ code
+    histogram of the batch: the joint penalty measures usage of whole codes."""
+    from tokenizers_mm.fsq import fsq_joint_entropy_loss
+
+    levels = [4, 3, 5]
+    fsq = FSQ(levels)
+    torch.manual_seed(0)
+    z = torch.randn(3000, 3) * 2
+    indices = fsq(z).indices
+    counts = torch.bincount(indices, minlength=fsq.codebook_size).double()
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    loss = fsq_joint_entropy_loss(z, levels, temperature=1e-4)
+    torch.testing.assert_close(loss.double(), -entropy / math.log(fsq.codebook_size), atol=2e-3, rtol=0)
+    # A batch collapsed onto one code has zero batch entropy, so a higher (worse) penalty.
+    collapsed = fsq_joint_entropy_loss(torch.zeros(3000, 3), levels, temperature=1e-4)
+    assert collapsed > loss + 0.5
+
+
+def test_joint_entropy_mode_trains_through_the_bottleneck():
+    fsq = FSQ([8, 5, 5, 5], entropy_weight=0.1, entropy_mode="joint").train()
+    z = torch.randn(2, 16, 4, requires_grad=True)
+    out = fsq(z)
+    assert out.loss > -0.2 and out.loss.requires_grad
+    out.loss.backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="entropy_mode"):
+        FSQ([8, 5], entropy_mode="codes")
