@@ -237,3 +237,22 @@ def test_two_process_continuous_run_keeps_ranks_identical(tmp_path, tokenizer_di
     assert len(digests) == 2 and digests[0] == digests[1]
     assert (run / "checkpoints" / "step-3").is_dir()
     assert MMGenerator.from_pretrained(run / "final").is_continuous
+
+
+def test_the_shipped_config_mirrors_the_discrete_one(tokenizer_dir):
+    """ar_model/configs/shapes_kl_cpu.yaml: shapes_cpu.yaml's trunk, data and steps, plus a diffusion head."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[2] / "ar_model" / "configs"
+    kl = yaml.safe_load((root / "shapes_kl_cpu.yaml").read_text())
+    discrete = yaml.safe_load((root / "shapes_cpu.yaml").read_text())
+    for key, value in discrete.items():
+        if key == "model":
+            assert {k: kl["model"][k] for k in value} == value
+        elif key != "output_dir":
+            assert kl[key] == value, key
+    cfg = ar_train.parse_args(
+        ["--config", str(root / "shapes_kl_cpu.yaml"), "--tokenizer", str(tokenizer_dir)]
+    )
+    assert cfg.num_inference_steps == 4 and cfg.model["diffusion_head"]["width"] == 128
+    assert cfg.model["image_attention"] == "causal"  # the mode that can sample its grids
