@@ -115,9 +115,7 @@ class TrainConfig:
     guidance_scale: float = 1.5  # for the sample grids (1.5 beat 1, 2, 3 and 5 on the shipped CPU model)
     temperature: float = 1.0
     top_k: int = 0  # 0 disables top-k
-    num_inference_steps: int = (
-        4  # continuous tokens: diffusion-head (shortcut) steps per token in sample grids
-    )
+    num_inference_steps: int = 4  # continuous tokens: head (shortcut) steps per token in sample grids
     log_every: int = 25
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
     allow_pipe: bool = False  # accept `pipe:CMD` dataset URLs (they run CMD in a shell)
@@ -443,7 +441,8 @@ def _continuous_validation_loss(
     counts = dict.fromkeys(sums, 0)
     for batch in batches:
         inputs = _model_inputs(batch, cfg, device, generator)
-        labels, _ = inputs.pop("labels"), inputs.pop("flow_generator")
+        labels = inputs.pop("labels")
+        del inputs["flow_generator"]  # no loss inside the model: the parts are computed here
         out = model(**inputs)
         ce = F.cross_entropy(
             out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
@@ -521,7 +520,8 @@ def _try_sample_grid(
 
 def training_card(cfg: TrainConfig, metrics: dict[str, Any]) -> dict[str, Any]:
     """What the model card records about this run: data, schedule and final numbers."""
-    keys = ("steps", "tokens_seen", "train_time_s", "num_processes", "params", "val_loss")
+    keys = ("steps", "tokens_seen", "train_time_s", "num_processes", "params", "image_tokens", "val_loss")
+    keys += ("val_flow_loss",)  # continuous models
     return {
         "data": {
             "train_data": list(cfg.train_data),

@@ -256,3 +256,14 @@ def test_the_shipped_config_mirrors_the_discrete_one(tokenizer_dir):
     )
     assert cfg.num_inference_steps == 4 and cfg.model["diffusion_head"]["width"] == 128
     assert cfg.model["image_attention"] == "causal"  # the mode that can sample its grids
+
+
+def test_raw_patch_tokens_train_and_generate(tmp_path):
+    """The raw-patch tokenizer (48 channels per 4×4 patch) goes through the same path once it has stats."""
+    tok = ImageTokenizer(preset_config("patches-4", resolution=32))
+    tok.config.latent_mean, tok.config.latent_std = [-0.5] * 48, [0.8] * 48
+    tok.save_pretrained(tmp_path / "patches")
+    metrics = main(_cfg(tmp_path, tmp_path / "patches", max_steps=4, val_num=8, num_sample_prompts=1))
+    assert metrics["image_tokens"] == "continuous (48 channels)" and metrics["val_flow_loss"] > 0
+    gen = MMGenerator.from_pretrained(tmp_path / "run" / "final")
+    assert gen.text_to_image("a red circle", num_inference_steps=1).shape == (1, 3, 32, 32)
