@@ -8,28 +8,16 @@ checks that nothing was written.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
-import torch
 
 import ar_model.train as ar_train
 import data.build
 import data.extract_codes
 import tokenizers_mm.train as tok_train
 from tokenizers_mm import ImageTokenizer
-from tokenizers_mm.presets import preset_config
 
-TINY = dict(base_channels=8, channel_mult=[1, 2, 2], mid_blocks=0, norm_groups=4)
 OUT = "{out}"  # replaced by a fresh path that must still be absent afterwards
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tok") / "fsq"
-    ImageTokenizer(preset_config("fsq-8x8", resolution=32, **TINY)).save_pretrained(path)
-    return path
 
 
 def _trainer(module):

@@ -9,22 +9,14 @@ import pytest
 import torch
 from launch_helpers import cpu_env, launch_cmd, run_launch
 from safetensors.torch import load_file
+from tiny import TINY_TOKENIZER
 
 from ar_model.generator import MMGenerator
 from ar_model.train import TrainConfig, main, parse_args
 from tokenizers_mm import ImageTokenizer
 from tokenizers_mm.presets import preset_config
 
-TINY_TOKENIZER = dict(base_channels=8, channel_mult=[1, 2, 2], mid_blocks=0, norm_groups=4)
 TINY_DECODER = {"hidden_size": 64, "num_layers": 2, "num_heads": 2}
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tok") / "fsq"
-    ImageTokenizer(preset_config("fsq-8x8", resolution=32, **TINY_TOKENIZER)).save_pretrained(path)
-    return path
 
 
 def _cfg(tmp_path: Path, tokenizer_dir: Path, **kw) -> TrainConfig:

@@ -16,22 +16,11 @@ import torch
 from launch_helpers import FAULT_LAUNCH, cpu_env, kill_group, launch_cmd, run_launch, run_until
 from safetensors.torch import load_file
 
-from tokenizers_mm import ImageTokenizer
 from tokenizers_mm.checkpoints import list_checkpoints
-from tokenizers_mm.presets import preset_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
-TINY_TOKENIZER = dict(base_channels=8, channel_mult=[1, 2, 2], mid_blocks=0, norm_groups=4)
 MAX_STEPS, SAVE_EVERY = 12, 4
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tok") / "fsq"
-    ImageTokenizer(preset_config("fsq-8x8", resolution=32, **TINY_TOKENIZER)).save_pretrained(path)
-    return path
 
 
 def _cmd(tokenizer_dir: Path, run: Path, *extra: str) -> list[str]:

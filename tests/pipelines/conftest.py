@@ -18,34 +18,24 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from huggingface_hub import CommitInfo, HfApi, RepoUrl
+from tiny import save_tiny_tokenizer
 
 from ar_model.train import TrainConfig, main
-from tokenizers_mm import ImageTokenizer
-from tokenizers_mm.presets import preset_config
-
-TINY_TOKENIZER = dict(base_channels=8, channel_mult=[1, 2, 2], mid_blocks=0, norm_groups=4)
-
-
-def tiny_tokenizer(path: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    ImageTokenizer(preset_config("fsq-8x8", resolution=32, **TINY_TOKENIZER)).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")
 def make_tokenizer():
     """``make_tokenizer(path, seed)``: a tiny untrained FSQ tokenizer folder (1000 codes, 32 px)."""
-    return tiny_tokenizer
+    return save_tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mmgen")
     cfg = TrainConfig(
-        tokenizer=str(tiny_tokenizer(root / "tokenizer")),
+        tokenizer=str(save_tiny_tokenizer(root / "tokenizer")),
         preset="tiny",
         model={"hidden_size": 64, "num_layers": 2, "num_heads": 2},
         train_data=["shapes", "digits"],

@@ -17,23 +17,12 @@ import pytest
 import torch
 from fault_launch import PicklePayload, poisoning_update
 from safetensors.torch import load_file
+from tiny import TINY_TOKENIZER
 from torch.optim.swa_utils import AveragedModel
 
 import ar_model.train as ar_train
 import tokenizers_mm.train as tok_train
-from tokenizers_mm import ImageTokenizer
 from tokenizers_mm.checkpoints import list_checkpoints
-from tokenizers_mm.presets import preset_config
-
-TINY_TOKENIZER = dict(base_channels=8, channel_mult=[1, 2, 2], mid_blocks=0, norm_groups=4)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tok") / "fsq"
-    ImageTokenizer(preset_config("fsq-8x8", resolution=32, **TINY_TOKENIZER)).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(params=["stage1", "stage2"])
