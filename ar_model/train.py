@@ -67,6 +67,7 @@ from tokenizers_mm.checkpoints import (
     save_checkpoint,
 )
 from tokenizers_mm.config_io import ConfigError, check_keys, load_config, to_dict
+from tokenizers_mm.hub import push_checkpoint
 from tokenizers_mm.modeling import ImageTokenizer, ImageTokenizerConfig
 from tokenizers_mm.train import param_digest
 from tokenizers_mm.train_step import NonfiniteGuard, check_finite_weights, guarded_update
@@ -123,6 +124,7 @@ class TrainConfig:
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_private: bool = True
+    hub_push_checkpoints: bool = False  # with push_to_hub: also upload each checkpoint (checkpoints/step-N)
 
     def __post_init__(self) -> None:
         if not self.tokenizer:
@@ -173,6 +175,8 @@ class TrainConfig:
             raise ValueError(f"text_model_type must be 'bpe' or 'unigram', got {self.text_model_type!r}")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id user/name")
+        if self.hub_push_checkpoints and not self.push_to_hub:
+            raise ValueError("--hub_push_checkpoints needs --push_to_hub --hub_model_id user/name")
         self._check_inputs()
 
     def _check_inputs(self) -> None:
@@ -725,7 +729,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
                 "nonfinite_total": guard.total,
             }
             check_finite_weights(accelerator, {"model": model, "ema": ema}, f"checkpoint step-{step}")
-            save_checkpoint(accelerator, out_dir, step, state, extras, keep=cfg.keep_checkpoints)
+            ckpt = save_checkpoint(accelerator, out_dir, step, state, extras, keep=cfg.keep_checkpoints)
+            if cfg.hub_push_checkpoints and accelerator.is_main_process:
+                push_checkpoint(ckpt, cfg.hub_model_id, private=cfg.hub_private)
     bar.close()
     train_time = time.time() - t0
 

@@ -49,3 +49,24 @@ def push_folder(
     return api.create_commit(
         repo_id, operations, commit_message=commit_message, revision=revision, create_pr=create_pr
     )
+
+
+def push_checkpoint(ckpt: str | os.PathLike, repo_id: str, *, private: bool | None = None) -> bool:
+    """Upload a training checkpoint to ``repo_id`` under ``checkpoints/<its folder name>``.
+
+    A failed upload (network, auth) is reported and training goes on: the checkpoint is safe on
+    disk and the next save tries again. Returns whether the upload succeeded.
+    """
+    ckpt = Path(ckpt)
+    try:
+        push_folder(
+            ckpt,
+            repo_id,
+            path_in_repo=f"checkpoints/{ckpt.name}",
+            private=private,
+            commit_message=f"checkpoint {ckpt.name}",
+        )
+    except Exception as e:  # noqa: BLE001  (any upload failure must not stop a training run)
+        print(f"WARNING: could not push {ckpt} to {repo_id}: {type(e).__name__}: {e}", flush=True)
+        return False
+    return True

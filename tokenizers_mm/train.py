@@ -39,6 +39,7 @@ from tokenizers_mm.checkpoints import (
 from tokenizers_mm.config_io import ConfigError, check_keys, load_config, to_dict
 from tokenizers_mm.discriminator import PatchDiscriminator, hinge_d_loss
 from tokenizers_mm.evaluate import evaluate_tokenizer, reconstruction_grid
+from tokenizers_mm.hub import push_checkpoint
 from tokenizers_mm.metrics import psnr, ssim
 from tokenizers_mm.modeling import ImageTokenizer, ImageTokenizerConfig
 from tokenizers_mm.presets import PRESETS, preset_config
@@ -87,6 +88,7 @@ class TrainConfig:
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_private: bool = True
+    hub_push_checkpoints: bool = False  # with push_to_hub: also upload each checkpoint (checkpoints/step-N)
 
     def __post_init__(self) -> None:
         from data.sources import check_source
@@ -114,6 +116,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id user/name")
+        if self.hub_push_checkpoints and not self.push_to_hub:
+            raise ValueError("--hub_push_checkpoints needs --push_to_hub --hub_model_id user/name")
         if self.loss not in ("l1", "l2", "l1+l2"):
             raise ValueError(f"loss must be one of ['l1', 'l2', 'l1+l2'], got {self.loss!r}")
         if not self.train_data:
@@ -351,7 +355,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             extras = {"ema": ema.state_dict()} if ema is not None else None
             state = {"step": step, "micro_step": micro, "nonfinite_total": guard.total}
             check_finite_weights(accelerator, {"model": model, "ema": ema}, f"checkpoint step-{step}")
-            save_checkpoint(accelerator, out_dir, step, state, extras, keep=cfg.keep_checkpoints)
+            ckpt = save_checkpoint(accelerator, out_dir, step, state, extras, keep=cfg.keep_checkpoints)
+            if cfg.hub_push_checkpoints and accelerator.is_main_process:
+                push_checkpoint(ckpt, cfg.hub_model_id, private=cfg.hub_private)
     bar.close()
     train_time = time.time() - t0
     return _finish(

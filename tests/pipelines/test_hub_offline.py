@@ -78,8 +78,9 @@ def test_an_unknown_repo_id_offline_is_a_clear_error(tmp_path):
         MMGenerator.from_pretrained("user/does-not-exist", cache_dir=tmp_path)
 
 
-def test_the_trainer_pushes_its_final_folder(tmp_path, fake_hub, model_dir):
-    """``--push_to_hub --hub_model_id`` on the Stage-2 trainer: a short run pushes final/ as one commit."""
+def test_the_trainer_pushes_each_checkpoint_and_its_final_folder(tmp_path, fake_hub, model_dir):
+    """``--push_to_hub --hub_model_id --hub_push_checkpoints`` on the Stage-2 trainer: the step-1
+    checkpoint goes to checkpoints/step-1, then final/ as the repo's root, one commit each."""
     from ar_model.train import TrainConfig, main
 
     hub = fake_hub
@@ -95,14 +96,20 @@ def test_the_trainer_pushes_its_final_folder(tmp_path, fake_hub, model_dir):
         max_steps=2,
         warmup_steps=1,
         eval_every=0,
-        save_every=0,
+        save_every=1,
         num_sample_prompts=0,
         output_dir=str(tmp_path / "run"),
         push_to_hub=True,
         hub_model_id="user/pushed",
+        hub_push_checkpoints=True,
     )
     main(cfg)
-    [(repo, message, paths)] = hub.commits
+    [(_, ckpt_message, ckpt_paths), (repo, message, paths)] = hub.commits
+    ckpt = tmp_path / "run" / "checkpoints" / "step-1"
+    assert ckpt_message == f"checkpoint {ckpt.name}"
+    assert ckpt_paths == sorted(
+        f"checkpoints/step-1/{p.relative_to(ckpt).as_posix()}" for p in ckpt.rglob("*") if p.is_file()
+    )
     assert repo == "user/pushed" and "step 2" in message
     assert {"config.json", "model.safetensors", "text_tokenizer.model", "mm_generator.json"} <= set(paths)
     snapshot = next((tmp_path / "hub" / "models--user--pushed" / "snapshots").iterdir())
@@ -122,3 +129,19 @@ def test_a_stage1_tokenizer_round_trips_through_the_hub(fake_hub, make_tokenizer
     again = ImageTokenizer.from_pretrained("user/tok", cache_dir=fake_hub.cache, local_files_only=True)
     pixels = torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.equal(tok.encode(pixels), again.encode(pixels))
+
+
+def test_the_stage1_trainer_pushes_its_final_folder(fake_hub, tmp_path):
+    from tiny import TINY_TOKENIZER
+
+    from tokenizers_mm.train import TrainConfig, main
+
+    cfg = TrainConfig(
+        preset="fsq-8x8", model=dict(TINY_TOKENIZER), train_num=32, eval_num=8, batch_size=8, max_steps=2,
+        warmup_steps=1, save_every=1, output_dir=str(tmp_path / "tok"), push_to_hub=True,
+        hub_model_id="user/tok-run", hub_push_checkpoints=True,
+    )  # fmt: skip
+    main(cfg)
+    assert [c[0] for c in fake_hub.commits] == ["user/tok-run", "user/tok-run"]
+    assert all(p.startswith("checkpoints/step-1/") for p in fake_hub.commits[0][2])
+    assert {"config.json", "model.safetensors"} <= set(fake_hub.commits[1][2])
