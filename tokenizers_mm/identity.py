@@ -53,9 +53,23 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes()
 
 
+# Config keys added after fingerprint format 1, with the value that reproduces the behaviour from
+# before they existed. At that value they are left out of the hash, so tokenizers, codes and model
+# folders saved before the key existed keep their identity; any other value counts.
+ADDED_CONFIG_KEYS: dict[str, Any] = {"fsq_entropy_mode": "channel"}
+
+
+def _canonical_config(model: ImageTokenizer) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if k not in VOLATILE_CONFIG_KEYS and not (k in ADDED_CONFIG_KEYS and v == ADDED_CONFIG_KEYS[k])
+    }
+
+
 def tokenizer_fingerprint(model: ImageTokenizer) -> str:
     """sha256 hex of the canonical config and all state_dict tensors (see the module docstring)."""
-    config = {k: v for k, v in model.config.to_dict().items() if k not in VOLATILE_CONFIG_KEYS}
+    config = _canonical_config(model)
     digest = hashlib.sha256()
     digest.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode("utf-8"))
     state = model.state_dict()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import pickle
@@ -291,3 +292,29 @@ def test_out_dir_refused_unless_overwrite_and_writes_are_atomic(model, tmp_path,
     monkeypatch.undo()
     assert torch.equal(load_codes(out).tokens, _codes(3, seed=1))  # the old codes survive a crash
     assert sorted(p.name for p in tmp_path.iterdir()) == ["codes", "other"]
+
+
+def test_a_config_key_added_later_keeps_old_fingerprints_at_its_neutral_value(model):
+    """Folders and codes saved before ``fsq_entropy_mode`` existed must still match their tokenizer:
+    at its neutral value ("channel", the old behaviour) the key is left out of the hash; any other
+    value changes the fingerprint."""
+    from tokenizers_mm.identity import ADDED_CONFIG_KEYS, VOLATILE_CONFIG_KEYS, _tensor_bytes
+
+    base = tokenizer_identity(model)["fingerprint"]
+    # The format-1 recipe over a config dict without the added keys (what older versions hashed).
+    old_config = {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if k not in VOLATILE_CONFIG_KEYS and k not in ADDED_CONFIG_KEYS
+    }
+    digest = hashlib.sha256(json.dumps(old_config, sort_keys=True, separators=(",", ":")).encode())
+    state = model.state_dict()
+    for name in sorted(state):
+        data = _tensor_bytes(state[name])
+        header = [name, str(state[name].dtype), list(state[name].shape), len(data)]
+        digest.update(json.dumps(header, separators=(",", ":")).encode())
+        digest.update(data)
+    assert digest.hexdigest() == base
+    other = _tiny()
+    other.config.fsq_entropy_mode = "joint"
+    assert tokenizer_identity(other)["fingerprint"] != base
