@@ -41,3 +41,26 @@ def test_quickstart_smoke_runs_end_to_end_and_resumes(tmp_path, capsys):
     second = capsys.readouterr().out
     for step in ("data", "tokenizer", "decoder", "judge"):
         assert f"{step}: done, skipping" in second
+
+
+def test_quickstart_continuous_variant_smoke(tmp_path, capsys):
+    """--variant continuous: KL tokenizer, diffusion-head decoder, judged through the same steps; the
+    folder generates through the pipeline with num_inference_steps, and one --out holds one variant."""
+    import pytest
+    from transformers import pipeline
+
+    import pipelines  # noqa: F401  (registers the task)
+
+    out = tmp_path / "qs"
+    report = main(
+        ["--out", str(out), "--preset", "smoke", "--variant", "continuous", "--model.base_channels", "8"]
+    )
+    assert "## Stage 2: decoder" in report.read_text()
+    decoder = json.loads((out / "eval" / "decoder_metrics.json").read_text())
+    assert decoder["sampling"]["num_inference_steps"] == 4
+    t2i = pipeline("text-to-image", model=str(out / "model"))
+    assert t2i.model.is_continuous
+    image = t2i("a red circle", num_inference_steps=2, progress_bar=False)[0]["image"]
+    assert image.size == (32, 32)
+    with pytest.raises(SystemExit, match="holds a --variant continuous run"):
+        main(["--out", str(out), "--preset", "smoke", "--variant", "discrete"])
