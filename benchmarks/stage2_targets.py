@@ -8,7 +8,8 @@ Each run is a real ``accelerate launch -m ar_model.train`` run (``--num_processe
 CPU, one thread each: on 2 cores two single-threaded DDP processes train faster than one process
 with two threads). Wall time is the trainer's own training-loop time. The trained folder is then
 evaluated with :mod:`ar_model.evaluate` (judge per shapes category, digit classifier, captioning),
-at each of the sampling settings in ``--guidance_scale`` × ``--temperature`` × ``--top_k``.
+at each of the sampling settings in ``--guidance_scale`` × ``--temperature`` × ``--top_k`` (discrete codes) ×
+``--num_inference_steps`` (diffusion head).
 Prints one JSON line per run and setting, and a table; ``--out`` writes all of them as JSON.
 """
 
@@ -63,6 +64,10 @@ def evaluate(folder: Path, settings: dict, n_per_category: int, n_digits: int, n
     # OMP_NUM_THREADS wins (other jobs on the machine: one thread avoids OpenMP spin-wait stalls)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, os.cpu_count() or 1)))
     gen = MMGenerator.from_pretrained(folder)
+    # top_k applies to discrete codes, num_inference_steps to the diffusion head: drop the other one
+    settings = {
+        k: v for k, v in settings.items() if k != ("top_k" if gen.is_continuous else "num_inference_steps")
+    }
     t2i = evaluate_text_to_image(gen, n_per_category=n_per_category, **settings)
     digits = evaluate_digits(gen, n_per_digit=n_digits, **settings)
     captions = evaluate_captions(gen, n=n_captions)
@@ -95,7 +100,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--max_steps", type=int, default=None)
     p.add_argument("--guidance_scale", type=float, nargs="+", default=[1.5])
     p.add_argument("--temperature", type=float, nargs="+", default=[1.0])
-    p.add_argument("--top_k", type=int, nargs="+", default=[0])
+    p.add_argument("--top_k", type=int, nargs="+", default=[0], help="discrete models only")
+    p.add_argument(
+        "--num_inference_steps", type=int, nargs="+", default=[4], help="diffusion-head models only"
+    )
     p.add_argument("--n_per_category", type=int, default=100)
     p.add_argument("--n_digits", type=int, default=20, help="prompts per digit")
     p.add_argument("--n_captions", type=int, default=100)
@@ -124,8 +132,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             train_metrics = json.loads((folder / "metrics.json").read_text())
         else:
             train_metrics = train(folder, args.tokenizer, overrides, args.num_processes, Path(args.config))
-        for gs, temp, top_k in itertools.product(args.guidance_scale, args.temperature, args.top_k):
+        grid = itertools.product(args.guidance_scale, args.temperature, args.top_k, args.num_inference_steps)
+        for gs, temp, top_k, steps in grid:
             settings = {"guidance_scale": gs, "temperature": temp, "top_k": top_k or None}
+            settings["num_inference_steps"] = steps
             scores = evaluate(folder / "final", settings, args.n_per_category, args.n_digits, args.n_captions)
             row = _row(name, train_metrics, settings, scores)
             print(json.dumps(row), flush=True)
