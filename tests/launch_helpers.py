@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,8 +31,34 @@ def cpu_env(**extra: str) -> dict[str, str]:
         "ACCELERATE_USE_CPU": "1",
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
+        RUN_MARKER: uuid.uuid4().hex,  # every process of the run inherits it: see reap_run
         **extra,
     }
+
+
+RUN_MARKER = "MMGEN_TEST_RUN"
+
+
+def reap_run(env: dict[str, str]) -> list[int]:
+    """SIGKILL every process still carrying ``env``'s run marker; returns their pids.
+
+    A rank that outlives its launcher (the launcher was killed, or exited after another rank died
+    mid-collective) is re-parented to init and no longer a descendant of anything the test holds;
+    the marker in its environment still names it.
+    """
+    token = f"{RUN_MARKER}={env[RUN_MARKER]}".encode()
+    killed = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        pid = int(environ.parent.name)
+        if pid == os.getpid():
+            continue
+        try:
+            if token in environ.read_bytes().split(b"\0"):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        except (OSError, ProcessLookupError):
+            continue
+    return killed
 
 
 def launch_cmd(target: list[str], num_processes: int = 2) -> list[str]:
@@ -57,6 +84,9 @@ def run_launch(cmd: list[str], env: dict[str, str], timeout: float = 300) -> sub
         except subprocess.TimeoutExpired:
             if attempt:
                 raise
+        finally:
+            if RUN_MARKER in env:
+                reap_run(env)  # ranks left behind by a failed or killed run
     raise AssertionError("unreachable")
 
 
@@ -95,6 +125,9 @@ def kill_group(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
     proc.wait()
+    env = getattr(proc, "run_env", None)
+    if env is not None and RUN_MARKER in env:
+        reap_run(env)
 
 
 def run_until(
@@ -111,6 +144,7 @@ def run_until(
             proc = subprocess.Popen(
                 cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
+        proc.run_env = env  # for kill_group's reap_run
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if ready():
