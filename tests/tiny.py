@@ -18,3 +18,32 @@ def save_tiny_tokenizer(path: str | Path, seed: int = 0, preset: str = "fsq-8x8"
     torch.manual_seed(seed)
     ImageTokenizer(preset_config(preset, resolution=32, **TINY_TOKENIZER)).save_pretrained(path)
     return Path(path)
+
+
+TINY_DECODER = {"hidden_size": 64, "num_layers": 2, "num_heads": 2}
+
+
+def tiny_train_config(tokenizer: str | Path, output_dir: str | Path, **overrides):
+    """A Stage-2 ``TrainConfig`` that trains a 0.2M-parameter decoder for 30 steps in seconds."""
+    from ar_model.train import TrainConfig
+
+    base = dict(
+        tokenizer=str(tokenizer),
+        preset="tiny",
+        model=dict(TINY_DECODER),
+        train_data=["shapes", "digits"],
+        train_num=160,
+        val_data=["shapes"],
+        val_num=16,
+        max_len=256,
+        tokens_per_batch=1024,
+        max_steps=30,
+        warmup_steps=3,
+        lr=3e-3,
+        log_every=1,
+        eval_every=0,
+        save_every=0,
+        num_sample_prompts=4,
+        output_dir=str(output_dir),
+    )
+    return TrainConfig(**{**base, **overrides})

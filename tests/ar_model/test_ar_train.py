@@ -9,38 +9,16 @@ import pytest
 import torch
 from launch_helpers import cpu_env, launch_cmd, run_launch
 from safetensors.torch import load_file
-from tiny import TINY_TOKENIZER
+from tiny import TINY_DECODER, TINY_TOKENIZER, tiny_train_config
 
 from ar_model.generator import MMGenerator
 from ar_model.train import TrainConfig, main, parse_args
 from tokenizers_mm import ImageTokenizer
 from tokenizers_mm.presets import preset_config
 
-TINY_DECODER = {"hidden_size": 64, "num_layers": 2, "num_heads": 2}
-
 
 def _cfg(tmp_path: Path, tokenizer_dir: Path, **kw) -> TrainConfig:
-    base = dict(
-        tokenizer=str(tokenizer_dir),
-        preset="tiny",
-        model=dict(TINY_DECODER),
-        train_data=["shapes", "digits"],
-        train_num=160,
-        val_data=["shapes"],
-        val_num=16,
-        max_len=256,
-        tokens_per_batch=1024,
-        max_steps=30,
-        warmup_steps=3,
-        lr=3e-3,
-        log_every=1,
-        eval_every=0,
-        save_every=0,
-        num_sample_prompts=4,
-        output_dir=str(tmp_path / "run"),
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(tokenizer_dir, tmp_path / "run", **kw)
 
 
 def _log(run: Path) -> list[dict]:

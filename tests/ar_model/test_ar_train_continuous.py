@@ -14,6 +14,7 @@ import pytest
 import torch
 from launch_helpers import cpu_env, launch_cmd, run_launch
 from safetensors.torch import load_file
+from tiny import TINY_TOKENIZER, tiny_train_config
 
 import ar_model.modeling as modeling
 import ar_model.train as ar_train
@@ -23,7 +24,6 @@ from tokenizers_mm import ImageTokenizer
 from tokenizers_mm.continuous import latent_stats
 from tokenizers_mm.presets import preset_config
 
-TINY_TOKENIZER = dict(base_channels=8, channel_mult=[1, 2, 2], mid_blocks=0, norm_groups=4)
 TINY_DECODER = {
     "hidden_size": 64,
     "num_layers": 2,
@@ -54,27 +54,10 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 def _cfg(tmp_path: Path, tokenizer_dir: Path, **kw) -> TrainConfig:
     base = dict(
-        tokenizer=str(tokenizer_dir),
-        preset="tiny",
-        model=dict(TINY_DECODER),
-        train_data=["shapes"],
-        train_num=160,
-        val_data=["shapes"],
-        val_num=16,
-        max_len=256,
-        tokens_per_batch=512,
-        max_steps=30,
-        warmup_steps=3,
-        lr=3e-3,
-        log_every=1,
-        eval_every=0,
-        save_every=0,
-        num_sample_prompts=2,
+        model=dict(TINY_DECODER), train_data=["shapes"], tokens_per_batch=512, num_sample_prompts=2,
         num_inference_steps=2,
-        output_dir=str(tmp_path / "run"),
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    )  # fmt: skip
+    return tiny_train_config(tokenizer_dir, tmp_path / "run", **{**base, **kw})
 
 
 def _log(run: Path, name: str = "log.jsonl") -> list[dict]:

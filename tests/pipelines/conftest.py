@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 from huggingface_hub import CommitInfo, HfApi, RepoUrl
-from tiny import save_tiny_tokenizer
+from tiny import save_tiny_tokenizer, tiny_train_config
 
-from ar_model.train import TrainConfig, main
+from ar_model.train import main
 
 
 @pytest.fixture(scope="session")
@@ -34,25 +34,7 @@ def make_tokenizer():
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mmgen")
-    cfg = TrainConfig(
-        tokenizer=str(save_tiny_tokenizer(root / "tokenizer")),
-        preset="tiny",
-        model={"hidden_size": 64, "num_layers": 2, "num_heads": 2},
-        train_data=["shapes", "digits"],
-        train_num=160,
-        val_data=["shapes"],
-        val_num=16,
-        max_len=256,
-        tokens_per_batch=1024,
-        max_steps=30,
-        warmup_steps=3,
-        lr=3e-3,
-        log_every=10,
-        eval_every=0,
-        save_every=0,
-        num_sample_prompts=4,
-        output_dir=str(root / "run"),
-    )
+    cfg = tiny_train_config(save_tiny_tokenizer(root / "tokenizer"), root / "run", log_every=10)
     main(cfg)
     return root / "run" / "final"
 
