@@ -86,3 +86,26 @@ def test_corrupt_file_is_a_clear_error(i2t, tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     with pytest.raises(ValueError, match="corrupt|truncated"):
         i2t(str(bad))
+
+
+def test_the_upstream_task_rename_warning_formats():
+    # transformers 5.24 logs its "image-to-text" rename as warning_once(msg, UserWarning); without
+    # pipelines.registration's filter the record cannot be formatted and pytest's capture raises.
+    import logging
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    logger, keep = logging.getLogger("transformers.pipelines"), Keep()
+    logger.addHandler(keep)
+    try:
+        logger.warning("task renamed to `image-text-to-text`.", UserWarning)
+        logger.warning("kept %s", "args")
+    finally:
+        logger.removeHandler(keep)
+    assert keep.messages == ["task renamed to `image-text-to-text`.", "kept args"]
