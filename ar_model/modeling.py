@@ -64,6 +64,16 @@ except ImportError:  # pragma: no cover - transformers 4.x
     from torch.nn import init
 
 
+# transformers 5.24 renamed the outputs' KV-cache field ``past_key_values`` to ``cache`` (the old name
+# still works but logs a deprecation warning); use whichever this version has.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def output_cache(output) -> KVCache | None:
+    """The KV cache of a model output (``output.cache`` or, before transformers 5.24, ``past_key_values``)."""
+    return getattr(output, CACHE_FIELD)
+
+
 _checkpoint = partial(checkpoint, use_reentrant=False)
 
 
@@ -416,7 +426,7 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
         hidden = self.run_layers(
             input_ids, cos, sin, plan, past_key_values, latents=latents, latent_mask=latent_mask
         )
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_FIELD: past_key_values})
 
     def image_attention_plan(
         self,
@@ -641,11 +651,11 @@ class MMDecoderForCausalLM(MMDecoderPreTrainedModel):
             if labels is not None:
                 loss = lm_loss(logits, labels)
         if self.diffusion_head is None:
-            return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+            return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: output_cache(out)})
         result = MMCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=out.past_key_values,
+            **{CACHE_FIELD: output_cache(out)},
             text_loss=loss,
             last_hidden_state=out.last_hidden_state,
         )

@@ -19,7 +19,7 @@ from ar_model.attention import plan_attention
 from ar_model.config import MMDecoderConfig, vocab_layout
 from ar_model.flow_matching import flow_matching_loss
 from ar_model.flow_sampler import sample_flow
-from ar_model.modeling import MMCausalLMOutput, MMDecoderForCausalLM
+from ar_model.modeling import MMCausalLMOutput, MMDecoderForCausalLM, output_cache
 from ar_model.packing import IGNORE_INDEX, build_packed_batch, pack_documents
 from ar_model.positions import SCHEMES
 from ar_model.rope import rope_tables
@@ -194,7 +194,7 @@ def test_cached_steps_with_latents_equal_one_forward(text_tokenizer: TextTokeniz
             seq.input_ids[None, :start], positions=seq.positions[None, :start], use_cache=True,
             latents=lat[:, :start], latent_mask=mask[:, :start],
         )  # fmt: skip
-        cache = out.past_key_values
+        cache = output_cache(out)
         cos, sin = rope_tables(
             seq.positions[None], model.config.head_dim, model.config.rope_base, torch.float32
         )

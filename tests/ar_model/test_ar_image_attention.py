@@ -15,7 +15,7 @@ import torch
 from ar_model.config import MMDecoderConfig, vocab_layout
 from ar_model.flow_matching import flow_matching_loss
 from ar_model.image_blocks import image_block_ids, sample_visible_latents
-from ar_model.modeling import MMDecoderForCausalLM
+from ar_model.modeling import MMDecoderForCausalLM, output_cache
 from ar_model.packing import build_packed_batch, pack_documents
 from ar_model.sequence import build_sequence, text_to_image_document
 from ar_model.text_tokenizer import TextTokenizer
@@ -156,7 +156,7 @@ def test_bidirectional_cached_block_equals_one_forward(text_tokenizer: TextToken
         block = model(
             seq.input_ids[None, start:stop],
             positions=seq.positions[None, start:stop],
-            past_key_values=prefix.past_key_values,
+            past_key_values=output_cache(prefix),
             latents=lat[:, start:stop],
             latent_mask=mask[:, start:stop],
         )
