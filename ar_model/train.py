@@ -67,6 +67,7 @@ from tokenizers_mm.checkpoints import (
     save_checkpoint,
 )
 from tokenizers_mm.config_io import ConfigError, check_keys, load_config, to_dict
+from tokenizers_mm.distributed import finish_distributed
 from tokenizers_mm.hub import push_checkpoint
 from tokenizers_mm.modeling import ImageTokenizer, ImageTokenizerConfig
 from tokenizers_mm.train import param_digest
@@ -778,8 +779,8 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.push_to_hub:
             gen.push_to_hub(cfg.hub_model_id, private=cfg.hub_private, commit_message=f"final, step {step}")
             accelerator.print(f"pushed {out_dir / 'final'} to the Hub: {cfg.hub_model_id}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    model = optimizer = scheduler = None  # DDP wrapper before the process group (finish_distributed)
+    finish_distributed(accelerator)
     return metrics
 
 

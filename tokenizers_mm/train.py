@@ -38,6 +38,7 @@ from tokenizers_mm.checkpoints import (
 )
 from tokenizers_mm.config_io import ConfigError, check_keys, load_config, to_dict
 from tokenizers_mm.discriminator import PatchDiscriminator, hinge_d_loss
+from tokenizers_mm.distributed import finish_distributed
 from tokenizers_mm.evaluate import evaluate_tokenizer, reconstruction_grid
 from tokenizers_mm.hub import push_checkpoint
 from tokenizers_mm.metrics import psnr, ssim
@@ -262,6 +263,8 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     if not trainable:  # raw patches: nothing to learn
         metrics = _finish(accelerator, cfg, model, ema, eval_images, images, 0, [], {})
+        del model
+        finish_distributed(accelerator)
         return metrics
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     # accelerate steps a prepared scheduler once per process per optimizer step, hence the scaling.
@@ -360,9 +363,12 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
                 push_checkpoint(ckpt, cfg.hub_model_id, private=cfg.hub_private)
     bar.close()
     train_time = time.time() - t0
-    return _finish(
+    metrics = _finish(
         accelerator, cfg, model, ema, eval_images, images, train_time, history, {"skipped": guard.total}
     )
+    del model, optimizer, scheduler, disc, d_opt  # DDP wrappers before the process group (finish_distributed)
+    finish_distributed(accelerator)
+    return metrics
 
 
 def param_digest(model: torch.nn.Module) -> str:
@@ -437,8 +443,6 @@ def _finish(
         )
         if cfg.push_to_hub:
             final_model.push_to_hub(cfg.hub_model_id, private=cfg.hub_private)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
     return metrics
 
 
