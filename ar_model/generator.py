@@ -446,8 +446,12 @@ class MMGenerator(PreTrainedModel):
 
     @torch.no_grad()
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Codes ``(N, h, w)`` or raw latents ``(N, h, w, D)`` → uint8 pixels ``(N, 3, H, W)``."""
-        pixels = self.image_tokenizer.decode(tokens)  # (N, 3, H, W) in [-1, 1]
+        """Codes ``(N, h, w)`` or raw latents ``(N, h, w, D)`` → uint8 pixels ``(N, 3, H, W)``.
+
+        One image at a time: CPU convolutions round differently with the batch size (~1e-6 here),
+        which can flip a pixel's uint8 rounding, and an image must not depend on what it was batched with.
+        """
+        pixels = torch.cat([self.image_tokenizer.decode(t[None]) for t in tokens])  # (N, 3, H, W) in [-1, 1]
         return pixels.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
     def text_to_image(self, prompts: str | list[str], **kwargs) -> torch.Tensor:

@@ -112,8 +112,9 @@ def test_the_trainer_pushes_each_checkpoint_and_its_final_folder(tmp_path, fake_
     )
     assert repo == "user/pushed" and "step 2" in message
     assert {"config.json", "model.safetensors", "text_tokenizer.model", "mm_generator.json"} <= set(paths)
-    snapshot = next((tmp_path / "hub" / "models--user--pushed" / "snapshots").iterdir())
-    MMGenerator.from_pretrained(snapshot)  # a complete, loadable folder
+    repo_dir = tmp_path / "hub" / "models--user--pushed"
+    head = (repo_dir / "refs" / "main").read_text().strip()  # the final push (the checkpoint's is older)
+    MMGenerator.from_pretrained(repo_dir / "snapshots" / head)  # a complete, loadable folder
 
 
 def test_a_stage1_tokenizer_round_trips_through_the_hub(fake_hub, make_tokenizer, tmp_path):
