@@ -2,6 +2,7 @@
 asserted (timings belong in the README, measured as ratios); their JSON output and checks are."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -79,3 +80,37 @@ def test_bench_diffusion_head_quick(tmp_path):
     names = [r["name"] for r in rows[0]["rows"]]
     assert names == ["euler-50", "shortcut-1", "shortcut-2", "shortcut-4"]
     assert rows[0]["tokens_per_image"] == 64 and all(r["head_ms_per_token"] > 0 for r in rows[0]["rows"])
+
+
+def test_bench_scaling_quick(tmp_path):
+    out = tmp_path / "scaling.json"
+    rows = _run("bench_scaling.py", "--out", str(out), "--threads", "1")
+    assert len(rows) == 1 and json.loads(out.read_text()) == rows[0]
+    r = rows[0]
+    assert r["bench"] == "scaling" and r["quick"] and r["device"] == "cpu"
+    peak = r["peak"]
+    assert all(g > 0 for g in peak["gflops"].values()) and peak["peak_gflops"] == max(peak["gflops"].values())
+
+    train = r["train"]
+    assert train["models"] == ["ours", "hf"]
+    assert [(c["seq_len"], c["batch"]) for c in train["cases"]] == [(64, 2), (128, 1)]  # 128 tokens/step
+    assert 0 < train["matmul_params"] < train["params"]  # the input embedding does no matmul
+    for c in train["cases"]:
+        assert c["seq_len"] * c["batch"] == train["tokens_per_step"]
+        # 6 N + 12 L H Q T model FLOPs per token (Kaplan et al. 2020; PaLM appendix B)
+        m = train["model"]
+        attention = 12 * m["num_layers"] * m["num_heads"] * m["head_dim"] * c["seq_len"]
+        assert c["flops_per_token"] == 6 * train["matmul_params"] + attention
+        assert 0 < c["attn_flops_fraction"] < 1
+        for name in train["models"]:
+            assert c[f"{name}_ms"] > 0 and c[f"{name}_tokens_per_s"] > 0 and c[f"{name}_ratio"] > 0
+            assert c[f"{name}_gflops"] > 0 and math.isfinite(c[f"{name}_mfu"]) and c[f"{name}_mfu"] > 0
+    fractions = [c["attn_flops_fraction"] for c in train["cases"]]
+    assert fractions == sorted(fractions)  # attention's share of the FLOPs grows with the row length
+    assert all(train["cases"][0][f"{name}_ratio"] == 1.0 for name in train["models"])
+
+    gen = r["generation"]
+    assert [(c["h"], c["w"], c["image_tokens"]) for c in gen["cases"]] == [(2, 2, 4), (4, 4, 16)]
+    for c in gen["cases"]:
+        assert c["seconds"] > 0 and c["ms_per_token"] > 0 and c["ratio"] > 0 and c["ms_per_token_ratio"] > 0
+    assert gen["cases"][0]["ratio"] == 1.0 and gen["cases"][0]["ms_per_token_ratio"] == 1.0
