@@ -30,6 +30,7 @@ from ar_model.generation import (
     guidance_scale_at,
     left_pad,
 )
+from ar_model.masked_generation import default_num_iter, unmask_image_latents
 from ar_model.positions import Segment
 
 __all__ = ["generate_image_latents"]
@@ -61,8 +62,13 @@ def generate_image_latents(
     uncond_prompt: torch.Tensor | None = None,
     use_cache: bool = True,
     progress: bool = False,
+    num_iter: int | None = None,
 ) -> torch.Tensor:
     """Sample an ``h × w`` grid of (normalized) latents after each prompt: ``(b, h, w, D)`` fp32.
+
+    Causal image attention generates token by token in raster order; bidirectional image attention
+    generates by iterative unmasking in ``num_iter`` iterations (default one per 4 tokens, MAR;
+    :mod:`ar_model.masked_generation`).
 
     ``prompts`` as in :func:`~ar_model.generation.generate_image_codes` (``<bos> caption`` rows;
     ``<boi> <h> <w>`` is appended). ``temperature`` scales each token's initial noise;
@@ -72,11 +78,6 @@ def generate_image_latents(
     cfg = model.config
     if cfg.latent_dim <= 0 or getattr(model, "diffusion_head", None) is None:
         raise ValueError("this decoder has no diffusion head (latent_dim = 0): use generate_image_codes")
-    if cfg.image_attention != "causal":
-        raise NotImplementedError(
-            f"generation with image_attention={cfg.image_attention!r} (iterative unmasking) is not "
-            "implemented; train with image_attention='causal' to generate"
-        )
     if cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
     steps = num_inference_steps
@@ -101,6 +102,16 @@ def generate_image_latents(
         n = batch_ids.shape[1]
         raise ValueError(f"{n} prompt + {hw} image tokens exceed max_position={cfg.max_position}")
     device = batch_ids.device
+    if cfg.image_attention == "bidirectional":
+        iters = default_num_iter(hw) if num_iter is None else num_iter
+        latents = unmask_image_latents(
+            model, batch_ids, batch_pos, mask, image_pos, b, num_iter=iters, num_inference_steps=steps,
+            method=method, guidance_scale=guidance_scale, cfg_schedule=cfg_schedule,
+            temperature=temperature, generator=generator, use_cache=use_cache, progress=progress,
+        )  # fmt: skip
+        return latents.view(b, h, w, dim)  # (b, h*w, D) -> (b, h, w, D), raster order
+    if num_iter is not None:
+        raise ValueError("num_iter applies to bidirectional image attention (iterative unmasking) only")
     stepper = _Stepper(model, batch_ids, batch_pos, mask, image_pos, (0, 1), use_cache)
     hidden = stepper.prefill_hidden()  # (rows, c): the condition of latent 0
     head = model.diffusion_head

@@ -510,19 +510,6 @@ def sample_grid(
     make_grid(pils, nrow=int(math.ceil(math.sqrt(len(pils))))).save(path)
 
 
-def _try_sample_grid(
-    gen: MMGenerator, prompts: list[str], cfg: TrainConfig, path: Path, write: bool = True, log=print
-) -> list[str]:
-    """:func:`sample_grid`; returns the prompts, or [] (no more grids) when this model cannot generate
-    yet (bidirectional image attention has no sampler): the run goes on without grids."""
-    try:
-        sample_grid(gen, prompts, cfg, path, write=write)
-    except NotImplementedError as e:
-        log(f"sample grids disabled: {e}")
-        return []
-    return prompts
-
-
 def training_card(cfg: TrainConfig, metrics: dict[str, Any]) -> dict[str, Any]:
     """What the model card records about this run: data, schedule and final numbers."""
     keys = ("steps", "tokens_seen", "train_time_s", "num_processes", "params", "image_tokens", "val_loss")
@@ -719,7 +706,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         if busy and cfg.sample_every and step % cfg.sample_every == 0 and prompts:
             gen = MMGenerator(eval_model(), text_tok, image_tokenizer)
             path = out_dir / "samples" / f"step-{step:06d}.png"
-            prompts = _try_sample_grid(gen, prompts, cfg, path, is_main, accelerator.print)
+            sample_grid(gen, prompts, cfg, path, write=is_main)
             model.train()
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             extras = {"ema": {k: v.detach().clone() for k, v in ema.state_dict().items()}} if ema else None
@@ -766,7 +753,8 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             "num_processes": world,
             "rank_param_digests": digests,
         }
-        if prompts and _try_sample_grid(gen, prompts, cfg, out_dir / "samples" / "final.png"):
+        if prompts:
+            sample_grid(gen, prompts, cfg, out_dir / "samples" / "final.png")
             gen.card["sample_grid"] = str(out_dir / "samples" / "final.png")
         gen.card["training"] = training_card(cfg, metrics)
         gen.save_pretrained(out_dir / "final", decoder_state_dict=full_state)

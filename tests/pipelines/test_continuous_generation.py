@@ -166,12 +166,3 @@ def test_a_discrete_tokenizer_with_a_continuous_decoder_is_refused(gen, make_tok
     discrete = ImageTokenizer.from_pretrained(make_tokenizer(tmp_path / "fsq"))
     with pytest.raises(ComponentMismatchError, match="latent dimension mismatch"):
         MMGenerator(gen.decoder, gen.text_tokenizer, discrete)
-
-
-def test_bidirectional_models_cannot_generate_yet(gen):
-    import copy
-
-    decoder = copy.deepcopy(gen.decoder)
-    decoder.config.image_attention = "bidirectional"
-    with pytest.raises(NotImplementedError, match="iterative unmasking"):
-        generate_image_latents(decoder, [torch.tensor([1])], 2, 2)
