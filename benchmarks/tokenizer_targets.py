@@ -28,6 +28,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "tokenizers_mm" / "configs"
 # name → (config file, extra overrides). The VQ ablation shares one budget so the four are comparable.
 RUNS: dict[str, tuple[str, list[str]]] = {
     "fsq_8x8": ("fsq_8x8.yaml", []),
+    "fsq_8x8_joint": ("fsq_8x8_joint.yaml", []),
     "vq_rotation_restart": ("vq_8x8.yaml", ["--model.vq_gradient", "rotation"]),
     "vq_rotation_norestart": (
         "vq_8x8.yaml",
@@ -53,13 +54,16 @@ QUICK = [
 QUICK_MODEL = ["--model.base_channels", "8"]  # not for raw patches, which have no model options
 
 
-def run_one(name: str, out_root: Path, quick: bool, eval_num: int) -> dict:
+def run_one(name: str, out_root: Path, quick: bool, eval_num: int, skip_train: bool = False) -> dict:
     config, extra = RUNS[name]
     overrides = [*extra, "--output_dir", str(out_root / name), "--log_every", "50"]
     if quick:
         overrides += QUICK + ([] if name == "patches_4" else QUICK_MODEL)
     cfg = load_config(TrainConfig, CONFIGS / config, overrides)
-    metrics = main(cfg)
+    if skip_train:  # evaluate a finished run of this config (its metrics.json gives the train time)
+        metrics = json.loads((out_root / name / "metrics.json").read_text())
+    else:
+        metrics = main(cfg)
     model = ImageTokenizer.from_pretrained(out_root / name / "final")
     row = {
         "run": name,
@@ -86,12 +90,13 @@ def main_cli(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="tiny settings for CI (numbers meaningless)")
     p.add_argument("--eval_num", type=int, default=512)
     p.add_argument("--out", default=None, help="run folder (default: a temp dir)")
+    p.add_argument("--skip_train", action="store_true", help="evaluate finished runs in --out/NAME")
     args = p.parse_args(argv)
     names = args.only or list(RUNS)
     out_root = Path(args.out or tempfile.mkdtemp(prefix="tokenizer_targets_"))
     rows = []
     for name in names:
-        row = run_one(name, out_root, args.quick, args.eval_num)
+        row = run_one(name, out_root, args.quick, args.eval_num, args.skip_train)
         print(json.dumps({"bench": "tokenizer_targets", **row}), flush=True)
         rows.append(row)
     cols = ["run", "steps", "train_time_s", "shapes_psnr", "shapes_usage", "digits_psnr", "photos_psnr"]
