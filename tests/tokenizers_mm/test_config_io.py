@@ -56,3 +56,19 @@ def test_bad_keys_and_values_are_errors(argv, msg):
 def test_parse_overrides_rejects_positional():
     with pytest.raises(ConfigError):
         parse_overrides(["steps", "3"])
+
+
+CONFIG_DIR = __import__("pathlib").Path(__file__).resolve().parents[2] / "tokenizers_mm" / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_tokenizer_config_builds(path):
+    """Each shipped Stage-1 config parses into a TrainConfig whose model overrides build a tokenizer."""
+    from tokenizers_mm.presets import preset_config
+    from tokenizers_mm.train import TrainConfig
+
+    # The GPU config names a placeholder shard path the user replaces on the command line.
+    placeholder = "/path/to/" in path.read_text()
+    cfg = load_config(TrainConfig, path, ["--train_data", "[shapes]"] if placeholder else [])
+    model = preset_config(cfg.preset, **cfg.model)
+    assert cfg.max_steps > 0 and model.resolution == cfg.resolution
