@@ -341,7 +341,8 @@ class KVCache:
     """Per-layer keys and values ``(b, h_kv, capacity, d)``, preallocated, doubled when full.
 
     The model's forward writes the new tokens' keys and values of layer ``i`` with :meth:`update` and
-    moves :attr:`length` on with :meth:`advance` after the last layer; nothing else mutates it.
+    moves :attr:`length` on with :meth:`advance` after the last layer; :meth:`truncate` drops tokens
+    from the end (a block that will be rerun, e.g. iterative unmasking).
     """
 
     def __init__(
@@ -380,6 +381,12 @@ class KVCache:
     def advance(self, n: int) -> None:
         """Mark ``n`` more tokens as stored (called by the model after its last layer)."""
         self.length += n
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` tokens; later writes overwrite the rest."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.length = length
 
     def get_seq_length(self) -> int:
         """Tokens stored (the name transformers uses)."""

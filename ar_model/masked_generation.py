@@ -122,7 +122,7 @@ def unmask_image_latents(
                 block_ids, positions=image_pos, attention_mask=key_mask, past_key_values=cache,
                 latents=lat_in, latent_mask=known_in,
             )  # fmt: skip
-            cache.length = n  # roll back: the block is rerun whole next iteration
+            cache.truncate(n)  # roll back: the block is rerun whole next iteration
             hidden = out.last_hidden_state  # (rows, hw, c)
         else:
             pad_lat = torch.zeros(rows, n, dim, device=device)
