@@ -3,6 +3,7 @@
     python benchmarks/bench_decoder_train.py                 # batch 8 x 512, hidden 256, 4 layers
     python benchmarks/bench_decoder_train.py --threads 1     # as the CPU trainer runs (1 thread/process)
     python benchmarks/bench_decoder_train.py --quick         # seconds, for CI
+    python benchmarks/bench_decoder_train.py --preset base --seq-len 2048 --attn-impl flex  # GPU, 103M
 
 One training step = forward, backward and ``AdamW.step`` (the same optimizer settings for every
 model). The models have the same dimensions (hidden 256, 4 layers, 4 heads, SwiGLU 1024, vocabulary
@@ -118,6 +119,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per model (default 2, quick 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="also time ours_flat_causal with compiled layers")
+    p.add_argument("--preset", default=None, help="dimensions of an ar_model preset (base: GPU)")
+    p.add_argument(
+        "--attn-impl",
+        default="sdpa_per_doc",
+        choices=["sdpa_per_doc", "sdpa_dense_mask", "flex"],
+        help="packed attention of ours_rope_tv / ours_flat (flex: GPU)",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the JSON result to this file")
     args = p.parse_args(argv)
     if args.threads:
@@ -152,7 +160,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         ours.append(("ours_flat_causal_compiled", "flat"))
     for name, scheme in ours:
         torch.manual_seed(0)  # the same initial weights for every contender
-        cfg = decoder_config(tok, scheme, args.quick, qk_norm=False, max_position=max(4096, seq_len))
+        cfg = decoder_config(
+            tok, scheme, args.quick, args.preset, qk_norm=False, max_position=max(4096, seq_len),
+            attn_impl=args.attn_impl,
+        )  # fmt: skip
         models[name] = MMDecoderForCausalLM(cfg).to(device=device, dtype=dtype).train()
         b = rows[scheme]
         inputs[name] = {"input_ids": ids, "positions": to_dev(b["positions"]), "labels": labels}
@@ -202,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 "vocab_size",
             )
         },
+        "preset": args.preset,
+        "attn_impl": args.attn_impl,
         "docs_per_row": round(sum(len(s) for s in packed.seq_lens) / batch, 2),
         "useful_fraction": round(useful / tokens, 4),
         "loss_ours_flat_causal": round(loss_ours, 6),
@@ -221,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         speed = "" if name == "hf" else f"{results[f'{name}_speedup']:>8.2f}"
         print(f"{name:<27}{results[f'{name}_ms']:>10.1f}{results[f'{name}_tokens_per_s']:>11.0f}{speed}")
     print(f"{batch} x {seq_len} tokens, {results['docs_per_row']} documents per row, {results['dtype']}, "
-          f"{results['threads']} threads")  # fmt: skip
+          f"{results['threads']} threads, packed attention {args.attn_impl}")  # fmt: skip
     line = json.dumps(results)
     print(line)
     if args.out:

@@ -3,6 +3,7 @@
     python benchmarks/bench_generation.py                # batch 1 and 8, 64 and 256 new tokens
     python benchmarks/bench_generation.py --threads 1    # as the CPU pipelines run
     python benchmarks/bench_generation.py --quick        # seconds, for CI
+    python benchmarks/bench_generation.py --preset base  # GPU: the 103M preset's dimensions
 
 Both models have the same weights (ours copied into a ``LlamaForCausalLM``; flat 1-D RoPE, no QK-norm)
 and the training benchmark's dimensions (hidden 256, 4 layers, 4 heads, SwiGLU 1024, vocabulary 4096).
@@ -35,6 +36,7 @@ from bench_decoder_train import llama_twin, time_interleaved  # noqa: E402
 from ar_model.config import MMDecoderConfig  # noqa: E402
 from ar_model.generation import generate_tokens  # noqa: E402
 from ar_model.modeling import MMDecoderForCausalLM  # noqa: E402
+from ar_model.presets import PRESETS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--new", type=int, nargs="+", default=None, help="new tokens per row (default 64 256)")
     p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--preset", default=None, help="dimensions of an ar_model preset (base: GPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 7, quick 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON result to this file")
@@ -60,7 +63,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     dims = dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024)
-    if args.quick:
+    if args.preset is not None:
+        dims = {k: v for k, v in PRESETS[args.preset].items() if k != "tie_embeddings"}
+    elif args.quick:
         dims.update(hidden_size=64, num_layers=2, intermediate_size=128)
     cfg = MMDecoderConfig(
         vocab_size=4096, text_vocab_size=1024, num_image_codes=1024, max_image_side=16, rope_scheme="flat",
@@ -80,7 +85,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "prompt_len": args.prompt_len,
-        "model": {k: getattr(cfg, k) for k in ("hidden_size", "num_layers", "num_heads", "vocab_size")},
+        "preset": args.preset,
+        "model": {
+            k: getattr(cfg, k)
+            for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size")
+        },
         "cases": [],
     }
     g = torch.Generator().manual_seed(1)

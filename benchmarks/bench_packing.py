@@ -38,6 +38,7 @@ import torch
 from ar_model.config import MMDecoderConfig, vocab_layout
 from ar_model.modeling import MMDecoderForCausalLM
 from ar_model.packing import TokenBatch, build_packed_batch, build_padded_batch, pack_documents
+from ar_model.presets import PRESETS
 from ar_model.sequence import build_sequence, image_to_text_document, text_to_image_document
 from ar_model.text_tokenizer import TextTokenizer, train_text_tokenizer
 from data.digits import generate_digits
@@ -80,10 +81,19 @@ def caption_documents(
     return docs, tok
 
 
-def decoder_config(tok: TextTokenizer, scheme: str, quick: bool, **overrides) -> MMDecoderConfig:
-    """The decoder of the training benchmark: hidden 256, 4 layers, 4 heads, SwiGLU 1024, vocab 4096."""
+def decoder_config(
+    tok: TextTokenizer, scheme: str, quick: bool, preset: str | None = None, **overrides
+) -> MMDecoderConfig:
+    """The decoder of the training benchmark: hidden 256, 4 layers, 4 heads, SwiGLU 1024, vocab 4096.
+
+    ``preset`` (a name of ``ar_model.presets.PRESETS``, e.g. ``base`` on a GPU) takes that preset's
+    dimensions instead; the vocabulary stays 4096.
+    """
     dims = dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024, vocab_size=4096)
-    if quick:
+    if preset is not None:
+        dims = dict(PRESETS[preset], vocab_size=4096)
+        dims.pop("tie_embeddings", None)  # untied, as LlamaForCausalLM's default
+    elif quick:
         dims.update(hidden_size=64, num_layers=2, intermediate_size=128)
     return MMDecoderConfig(**vocab_layout(tok, NUM_IMAGE_CODES), **dims, rope_scheme=scheme, **overrides)
 

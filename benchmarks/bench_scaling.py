@@ -114,6 +114,7 @@ def train_scaling(
     quick: bool,
     with_hf: bool,
     *,
+    preset: str | None,
     peak_gflops: float,
     device: torch.device,
     dtype: torch.dtype,
@@ -126,7 +127,7 @@ def train_scaling(
     # document longer than a row is split into row-sized chunks by the packer).
     docs, tok = caption_documents(tokens // 60 + 2, "flat")
     torch.manual_seed(0)
-    cfg = decoder_config(tok, "flat", quick, qk_norm=False, max_position=max(4096, *seq_lens))
+    cfg = decoder_config(tok, "flat", quick, preset, qk_norm=False, max_position=max(4096, *seq_lens))
     models: dict[str, torch.nn.Module] = {"ours": MMDecoderForCausalLM(cfg).to(device=device, dtype=dtype)}
     if with_hf:
         models["hf"] = llama_twin(models["ours"])
@@ -182,6 +183,7 @@ def generation_scaling(
     sides: list[int],
     quick: bool,
     *,
+    preset: str | None,
     device: torch.device,
     dtype: torch.dtype,
     warmup: int,
@@ -194,7 +196,7 @@ def generation_scaling(
     prompt = torch.tensor([tok.bos_id, *tok.encode(captions[0])], device=device)  # (n,)
     longest = prompt.shape[0] + 3 + max(sides) ** 2  # prompt, <boi> <h> <w>, the codes
     torch.manual_seed(0)
-    cfg = decoder_config(tok, "rope_tv", quick, max_position=max(4096, longest))
+    cfg = decoder_config(tok, "rope_tv", quick, preset, max_position=max(4096, longest))
     model = MMDecoderForCausalLM(cfg).to(device=device, dtype=dtype).eval()
 
     def image(side: int) -> Callable[[], torch.Tensor]:
@@ -304,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument(
         "--peak-sizes", type=int, nargs="+", default=None, help="torch.mm sizes (default 512 1024 2048)"
     )
+    p.add_argument("--preset", default=None, help="dimensions of an ar_model preset (base: GPU)")
     p.add_argument("--no-hf", action="store_true", help="time our decoder only (no LlamaForCausalLM peer)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 5, quick 1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per case (default 1, quick 1)")
@@ -335,8 +338,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "transformers": transformers.__version__,
         "repeats": repeats,
         "peak": peak,
+        "preset": args.preset,
     }
-    timing = dict(device=device, dtype=dtype, warmup=warmup, repeats=repeats, sync=sync)
+    timing = dict(device=device, dtype=dtype, warmup=warmup, repeats=repeats, sync=sync, preset=args.preset)
     results["train"] = train_scaling(
         seq_lens, tokens, args.quick, not args.no_hf, peak_gflops=peak["peak_gflops"], **timing
     )

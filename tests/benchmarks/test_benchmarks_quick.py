@@ -114,3 +114,23 @@ def test_bench_scaling_quick(tmp_path):
     for c in gen["cases"]:
         assert c["seconds"] > 0 and c["ms_per_token"] > 0 and c["ratio"] > 0 and c["ms_per_token_ratio"] > 0
     assert gen["cases"][0]["ratio"] == 1.0 and gen["cases"][0]["ms_per_token_ratio"] == 1.0
+
+
+def test_bench_streaming_quick(tmp_path):
+    out = tmp_path / "streaming.json"
+    rows = _run("bench_streaming.py", "--out", str(out))
+    assert len(rows) == 1 and json.loads(out.read_text()) == rows[0]
+    r = rows[0]
+    assert r["bench"] == "streaming" and r["quick"] and r["shards"] == 8 and r["shard_mb"] > 0
+    assert [c["workers"] for c in r["cases"]] == [0, 1]
+    for c in r["cases"]:
+        assert c["images"] == 64  # every built image is read once per epoch, whatever the workers
+        assert c["images_per_s"] > 0 and c["mb_per_s"] > 0
+
+
+def test_bench_decoder_train_takes_a_preset(tmp_path):
+    """--preset swaps in a named preset's dimensions (base: the GPU preset; tiny here)."""
+    rows = _run("bench_decoder_train.py", "--preset", "tiny", "--repeats", "1")
+    m = rows[0]["model"]
+    assert rows[0]["preset"] == "tiny" and (m["hidden_size"], m["num_hidden_layers"]) == (128, 4)
+    assert abs(rows[0]["loss_ours_flat_causal"] - rows[0]["loss_hf"]) < 1e-3
