@@ -547,7 +547,8 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "train_config.json", json.dumps(to_dict(cfg), indent=2))
-    image_tokenizer = ImageTokenizer.from_pretrained(cfg.tokenizer, use_safetensors=True).eval()
+    # On the training device: the sample grids and the final generator decode with it.
+    image_tokenizer = ImageTokenizer.from_pretrained(cfg.tokenizer, use_safetensors=True).eval().to(device)
     tok_config = image_tokenizer.config
     check_latent_stats(tok_config, cfg.tokenizer)
 

@@ -24,9 +24,10 @@ START=$(date +%s)
 WORK=/tmp/gpu_work
 rm -rf "$WORK" && mkdir -p "$WORK"
 
-step() {  # step NAME LIMIT_S CMD...: run under min(LIMIT, what is left of BUDGET)
+step() {  # step NAME LIMIT_S CMD...: run under min(LIMIT, what is left of BUDGET); STEPS="a b" picks some
     local name=$1 limit=$2
     shift 2
+    [[ -z "${STEPS:-}" || " $STEPS " == *" $name "* ]] || return 0
     local left=$((BUDGET - ($(date +%s) - START)))
     ((left < limit)) && limit=$left
     if ((limit < 10)); then
@@ -49,17 +50,17 @@ step() {  # step NAME LIMIT_S CMD...: run under min(LIMIT, what is left of BUDGE
 transformers.__version__, accelerate.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee -a "$LOG"
 
-step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py ${PYTEST_K:+-k "$PYTEST_K"}
 
 step shards 40 python3 -m data.build --dataset shapes --num 2000 --resolution 256 --out "$WORK/shards" \
     --shard_size 250 --no_progress
-step stage1 100 python3 -m accelerate.commands.launch --num_processes 1 --mixed_precision bf16 -m tokenizers_mm.train \
-    --config tokenizers_mm/configs/fsq_f16_256_gpu.yaml --train_data "[$WORK/shards]" --max_steps 200 \
-    --num_workers 8 --disc_start 100 --eval_num 64 --eval_every 0 --save_every 0 --output_dir "$WORK/stage1"
+step stage1 130 python3 -m accelerate.commands.launch --num_processes 1 --mixed_precision bf16 -m tokenizers_mm.train \
+    --config tokenizers_mm/configs/fsq_f16_256_gpu.yaml --train_data "[$WORK/shards]" --max_steps 100 \
+    --num_workers 8 --disc_start 50 --eval_num 64 --eval_every 0 --save_every 0 --output_dir "$WORK/stage1"
 tail -n 1 "$WORK/stage1/log.jsonl" 2>/dev/null | sed 's/^{/{"run": "stage1_fsq_f16_256_gpu", /' >>"$RES"
 cp "$WORK/stage1/reconstructions.png" "$OUT/stage1_reconstructions.png" 2>/dev/null
 
-step stage2 110 python3 -m accelerate.commands.launch --num_processes 1 --mixed_precision bf16 -m ar_model.train \
+step stage2 130 python3 -m accelerate.commands.launch --num_processes 1 --mixed_precision bf16 -m ar_model.train \
     --config ar_model/configs/base_gpu.yaml --tokenizer "$WORK/stage1/final" --train_num 2000 --val_num 64 \
     --max_steps 60 --warmup_steps 10 --log_every 10 --eval_every 0 --sample_every 0 --save_every 0 \
     --output_dir "$WORK/stage2"
@@ -70,7 +71,7 @@ find "$WORK/stage2" -name '*.png' 2>/dev/null | head -n 1 | xargs -r -I{} cp {} 
 step train_base 60 python3 benchmarks/bench_decoder_train.py --preset base --seq-len 2048 --batch 8
 step train_base_flex 80 python3 benchmarks/bench_decoder_train.py --preset base --seq-len 2048 --batch 8 \
     --attn-impl flex
-step generation_base 60 python3 benchmarks/bench_generation.py --preset base --new 256 --repeats 3
+step generation_base 60 python3 benchmarks/bench_generation.py --preset base --new 64 --repeats 2
 step streaming 45 python3 benchmarks/bench_streaming.py --shards "$WORK/shards" --workers 0 4 8 16
 step scaling_base 60 python3 benchmarks/bench_scaling.py --preset base --seq-lens 256 1024 4096 \
     --tokens-per-step 16384 --image-sides 4 16 32 --peak-sizes 4096 8192 --repeats 2
