@@ -46,7 +46,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -71,7 +70,7 @@ from tokenizers_mm.distributed import finish_distributed
 from tokenizers_mm.hub import push_checkpoint
 from tokenizers_mm.modeling import ImageTokenizer, ImageTokenizerConfig
 from tokenizers_mm.train import param_digest
-from tokenizers_mm.train_step import NonfiniteGuard, check_finite_weights, guarded_update
+from tokenizers_mm.train_step import NonfiniteGuard, check_finite_weights, ema_copy, guarded_update
 
 
 @dataclass
@@ -613,7 +612,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError("ema_decay > 0 is not supported with FSDP; use DDP or a single device for EMA")
     ema = None
     if cfg.ema_decay > 0:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        ema = ema_copy(model, cfg.ema_decay, accelerator.device)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     step, micro, tokens_seen, nonfinite_total = 0, 0, 0, 0

@@ -175,6 +175,17 @@ def test_tokenizer_on_cuda_matches_cpu() -> None:
 
 
 # ----------------------------------------------------------------------------- trainer and pipelines
+def test_ema_copy_lives_on_the_training_device() -> None:
+    """Both trainers build the EMA before accelerate moves the model: it must be on the device anyway."""
+    from tokenizers_mm.train_step import ema_copy
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))  # on the CPU
+    ema = ema_copy(model, 0.9, DEVICE)
+    assert all(t.device.type == DEVICE.type for t in [*ema.parameters(), *ema.buffers()])
+    ema.update_parameters(model.to(DEVICE))
+    torch.testing.assert_close(ema.module[0].weight, model[0].weight)
+
+
 def test_trainer_and_pipelines_run_on_cuda(tmp_path: Path) -> None:
     from tiny import save_tiny_tokenizer, tiny_train_config
     from transformers import pipeline

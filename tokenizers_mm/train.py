@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -44,7 +44,7 @@ from tokenizers_mm.hub import push_checkpoint
 from tokenizers_mm.metrics import psnr, ssim
 from tokenizers_mm.modeling import ImageTokenizer, ImageTokenizerConfig
 from tokenizers_mm.presets import PRESETS, preset_config
-from tokenizers_mm.train_step import NonfiniteGuard, check_finite_weights, guarded_update
+from tokenizers_mm.train_step import NonfiniteGuard, check_finite_weights, ema_copy, guarded_update
 
 
 @dataclass
@@ -260,7 +260,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     # ---- optimisation
     ema = None
     if cfg.ema_decay > 0:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        ema = ema_copy(model, cfg.ema_decay, accelerator.device)
     if not trainable:  # raw patches: nothing to learn
         metrics = _finish(accelerator, cfg, model, ema, eval_images, images, 0, [], {})
         del model

@@ -50,3 +50,21 @@ def test_guard_counts_and_stops_after_too_many_in_a_row():
     with pytest.raises(RuntimeError, match="3 non-finite steps in a row at step 6"):
         guard.record(True, 6, logged.append)
     assert guard.total == 5 and len(logged) == 5
+
+
+def test_ema_copy_averages_weights_and_buffers() -> None:
+    from tokenizers_mm.train_step import ema_copy
+
+    model = torch.nn.BatchNorm1d(3)  # weights and buffers (running stats)
+    ema = ema_copy(model, 0.9, torch.device("cpu"))
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+        model.running_mean.fill_(4.0)
+    ema.update_parameters(model)  # the first update copies the model
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        model.running_mean.fill_(5.0)
+    ema.update_parameters(model)  # then ema = 0.9 ema + 0.1 model
+    torch.testing.assert_close(ema.module.weight, torch.full((3,), 2.1))
+    torch.testing.assert_close(ema.module.running_mean, torch.full((3,), 4.1))
+    assert ema.module.weight.data_ptr() != model.weight.data_ptr()  # a copy, not the model
