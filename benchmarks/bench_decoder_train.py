@@ -31,7 +31,6 @@ Contenders, each timed alternately with the others after a warm-up (medians of `
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import emit_json  # noqa: E402
 from bench_packing import caption_documents, decoder_config, packed_batches  # noqa: E402
 
 from ar_model.modeling import MMDecoderForCausalLM  # noqa: E402
@@ -235,10 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         print(f"{name:<27}{results[f'{name}_ms']:>10.1f}{results[f'{name}_tokens_per_s']:>11.0f}{speed}")
     print(f"{batch} x {seq_len} tokens, {results['docs_per_row']} documents per row, {results['dtype']}, "
           f"{results['threads']} threads, packed attention {args.attn_impl}")  # fmt: skip
-    line = json.dumps(results)
-    print(line)
-    if args.out:
-        args.out.write_text(line + "\n")
+    emit_json(results, args.out)
     return results
 
 

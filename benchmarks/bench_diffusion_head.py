@@ -21,7 +21,6 @@ untrained tiny continuous model, so its scores are meaningless; only the timings
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_common import emit_json
 
 import ar_model.latent_generation as latent_generation
 from ar_model.evaluate import EVAL_CATEGORIES, evaluate_text_to_image
@@ -170,10 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{r['name']:<12}{r['head_ms_per_token']:>12.3f}{r['s_per_image']:>9.3f}"
             f"{r['head_speedup']:>8.1f}{r['speedup']:>8.1f}  {judged}"
         )
-    line = json.dumps(results)
-    print(line)
-    if args.out:
-        args.out.write_text(line + "\n")
+    emit_json(results, args.out)
     tmp.cleanup()
     return results
 

@@ -23,7 +23,6 @@ Tokens/s = batch × new tokens / wall time of the whole call (prefill included),
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import emit_json  # noqa: E402
 from bench_decoder_train import llama_twin, time_interleaved  # noqa: E402
 
 from ar_model.config import MMDecoderConfig  # noqa: E402
@@ -131,10 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             f"{c['speedup']:>9.2f}{c['token_agreement']:>7.2f}"
         )
     print(f"prompt {args.prompt_len} tokens, greedy, {results['dtype']}, {results['threads']} threads")
-    line = json.dumps(results)
-    print(line)
-    if args.out:
-        args.out.write_text(line + "\n")
+    emit_json(results, args.out)
     return results
 
 

@@ -27,13 +27,13 @@ layout, alternately; medians are reported. Prints a table and one JSON line ``{"
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from bench_common import emit_json
 
 from ar_model.config import MMDecoderConfig, vocab_layout
 from ar_model.modeling import MMDecoderForCausalLM
@@ -219,10 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             f"{r['epoch_s']:>9.2f}{r['useful_tokens_per_s']:>14.0f}"
         )
     print(f"packed / padded useful tokens/s: {results['useful_tokens_per_s_speedup']:.2f}x")
-    line = json.dumps(results)
-    print(line)
-    if args.out:
-        args.out.write_text(line + "\n")
+    emit_json(results, args.out)
     return results
 
 

@@ -33,7 +33,6 @@ fp32 on CPU, bf16 weights on CUDA (``--dtype``). Prints markdown tables and one 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -44,6 +43,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import emit_json  # noqa: E402
 from bench_decoder_train import llama_twin, time_interleaved, train_step  # noqa: E402
 from bench_packing import caption_documents, decoder_config, packed_batches  # noqa: E402
 
@@ -347,10 +347,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     results["generation"] = generation_scaling(sides, args.quick, **timing)
 
     print_tables(results)
-    line = json.dumps(results)
-    print(line)
-    if args.out:
-        args.out.write_text(line + "\n")
+    emit_json(results, args.out)
     return results
 
 

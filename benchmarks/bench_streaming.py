@@ -20,13 +20,13 @@ table and one JSON line ``{"bench": "streaming", ...}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_common import emit_json
 
 from data.build import build
 from data.readers import TarSource
@@ -103,10 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             f"{c.get('mb_per_s', float('nan')):>8.1f}"
         )
     print(f"{len(urls)} shards, {results['shard_mb']} MB, {resolution} px, batch {args.batch}")
-    line = json.dumps(results)
-    print(line)
-    if args.out:
-        args.out.write_text(line + "\n")
+    emit_json(results, args.out)
     return results
 
 
