@@ -134,3 +134,22 @@ def test_bench_decoder_train_takes_a_preset(tmp_path):
     m = rows[0]["model"]
     assert rows[0]["preset"] == "tiny" and (m["hidden_size"], m["num_hidden_layers"]) == (128, 4)
     assert abs(rows[0]["loss_ours_flat_causal"] - rows[0]["loss_hf"]) < 1e-3
+
+
+@pytest.mark.slow
+def test_quickstart_budget_smoke(tmp_path):
+    """The budget script runs the main job, times its six steps and samples the memory of its process tree."""
+    out = tmp_path / "budget.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quickstart_budget.py"), "--preset", "smoke",
+         "--out", str(tmp_path / "qs"), "--json", str(out)],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["bench"] == "quickstart_budget" and r["preset"] == "smoke"
+    assert [s["step"][0] for s in r["steps"]] == list("123456")  # every step, in order
+    assert all(s["seconds"] >= 0 for s in r["steps"])
+    assert abs(sum(s["seconds"] for s in r["steps"]) - r["wall_s"]) < 0.5  # the steps tile the run
+    assert 0.1 < r["peak_rss_max_process_gb"] <= r["peak_rss_sum_gb"] < 24  # torch alone is > 100 MB
+    assert (tmp_path / "qs" / "report" / "report.md").is_file() and (tmp_path / "qs.log").is_file()

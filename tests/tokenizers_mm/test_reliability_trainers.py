@@ -18,7 +18,7 @@ import torch
 from fault_launch import PicklePayload, poisoning_update
 from safetensors.torch import load_file
 from tiny import TINY_TOKENIZER
-from torch.optim.swa_utils import AveragedModel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import ar_model.train as ar_train
 import tokenizers_mm.train as tok_train
@@ -108,7 +108,10 @@ def test_non_finite_weights_are_never_saved(trainer, tmp_path, monkeypatch, corr
                 with torch.no_grad():
                     next(self.module.parameters()).view(-1)[0] = float("inf")
 
-    monkeypatch.setattr(module, "AveragedModel", CorruptingEMA)
+    def corrupting_ema_copy(model, decay, device):
+        return CorruptingEMA(model, device=device, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    monkeypatch.setattr(module, "ema_copy", corrupting_ema_copy)
     with pytest.raises(
         RuntimeError, match=rf"non-finite weights \(ema\.module\.[\w.]+\) before writing {where}"
     ):
