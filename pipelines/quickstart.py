@@ -317,8 +317,8 @@ def _decoder_section(out: Path, rep: Path, metrics: dict[str, Any]) -> list[str]
         markdown_table(rows, ["metric", "score", "target", "met"]),
         "",
         *[
-            f"**{name[4:-4]}**\n\n![{name}]({name})\n"
-            for name in sorted(metrics["grids"])
+            f"**{name.removeprefix('t2i_')}**\n\n![{name}]({file})\n"
+            for name, file in sorted(metrics["grids"].items())
             if name.startswith("t2i_")
         ],
         "**digits** (one row per digit)\n\n![digits](digits.png)\n",

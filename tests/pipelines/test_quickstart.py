@@ -2,6 +2,7 @@
 second run skips the finished steps."""
 
 import json
+import re
 
 from pipelines.quickstart import main
 
@@ -24,6 +25,9 @@ def test_quickstart_smoke_runs_end_to_end_and_resumes(tmp_path, capsys):
         assert section in text
     for name in ("t2i_single.png", "digits.png", "captions_shapes.png", "decoder_loss.png"):
         assert (out / "report" / name).is_file(), name
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)  # every image the report shows is there
+    assert len(links) >= 12 and all((out / "report" / link).is_file() for link in links), links
+    assert "**single**" in text and "**two_objects**" in text  # category titles
     decoder = json.loads((out / "eval" / "decoder_metrics.json").read_text())
     assert set(decoder["text_to_image"]) >= {"single", "two_objects", "position", "count", "overall"}
     from transformers import pipeline
