@@ -153,3 +153,11 @@ def test_quickstart_budget_smoke(tmp_path):
     assert abs(sum(s["seconds"] for s in r["steps"]) - r["wall_s"]) < 0.5  # the steps tile the run
     assert 0.1 < r["peak_rss_max_process_gb"] <= r["peak_rss_sum_gb"] < 24  # torch alone is > 100 MB
     assert (tmp_path / "qs" / "report" / "report.md").is_file() and (tmp_path / "qs.log").is_file()
+
+
+def test_bench_generation_bf16_reports_logit_errors():
+    """In bf16 both models are compared with an fp32 copy, so a disagreement can be told from rounding."""
+    r = _run("bench_generation.py", "--dtype", "bfloat16", "--batch", "1")[0]
+    err = r["logit_rel_err_vs_fp32"]
+    assert r["dtype"] == "bfloat16" and 0 < err["ours"] < 0.05 and 0 < err["hf"] < 0.05
+    assert err["ours_argmax_agreement"] > 0.9 and err["hf_argmax_agreement"] > 0.9
