@@ -11,8 +11,8 @@ Weights are drawn with std 0.1 (instead of 0.02) so that greedy decoding has no 
 implementations pick the same tokens in fp32; the agreement is reported. In bf16 it is not expected:
 rounding flips near-ties, after which the two streams part, so ``logit_rel_err_vs_fp32`` gives each
 model's logit error against an fp32 copy (on the last batch's prompts) and how often its argmax keeps
-fp32's. Each case decodes greedily from the same random prompt of ``--prompt-len`` tokens, over the whole vocabulary, exactly ``new`` tokens per row
-(no end-of-sequence stop):
+fp32's. Each case decodes greedily from the same random prompt of ``--prompt-len`` tokens, over the
+whole vocabulary, exactly ``new`` tokens per row (no end-of-sequence stop):
 
 * ours: ``ar_model.generation.generate_tokens(model, ids, None, new, eos_id=-1, allowed_range=(0, V))``;
 * hf: ``model.generate(ids, attention_mask=1, max_new_tokens=new, min_new_tokens=new, do_sample=False)``.
