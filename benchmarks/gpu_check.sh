@@ -73,6 +73,6 @@ step train_base_flex 80 python3 benchmarks/bench_decoder_train.py --preset base 
     --attn-impl flex
 step generation_base 60 python3 benchmarks/bench_generation.py --preset base --new 64 --repeats 2
 step streaming 45 python3 benchmarks/bench_streaming.py --shards "$WORK/shards" --workers 0 4 8 16
-step scaling_base 60 python3 benchmarks/bench_scaling.py --preset base --seq-lens 256 1024 4096 \
-    --tokens-per-step 16384 --image-sides 4 16 32 --peak-sizes 4096 8192 --repeats 2
+step scaling_base 90 python3 benchmarks/bench_scaling.py --preset base --seq-lens 256 1024 4096 \
+    --tokens-per-step 16384 --image-sides 4 16 --peak-sizes 4096 8192 --repeats 2
 echo "=== all done in $(($(date +%s) - START))s" | tee -a "$LOG"
