@@ -7,7 +7,8 @@
 #   5. bench_streaming with 0..16 DataLoader workers; 6. bench_scaling (base dims).
 # Usage on a GPU machine, from the repository root:  OUT=DIR bash benchmarks/gpu_check.sh [BUDGET_S]
 # Writes DIR/gpu.log (everything), DIR/results.jsonl (the benchmarks' JSON lines, the runs' last log
-# lines) and two PNGs. Wheels in .whl/ (packages the machine lacks) are installed to /tmp/site first.
+# lines) and two PNGs; exits non-zero if any step failed or ran out of time. Wheels in .whl/ (packages
+# the machine lacks) are installed to /tmp/site first.
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 BUDGET=${1:-560}
@@ -21,6 +22,7 @@ fi
 LOG="$OUT/gpu.log"
 RES="$OUT/results.jsonl"
 START=$(date +%s)
+FAILED=""
 WORK=/tmp/gpu_work
 rm -rf "$WORK" && mkdir -p "$WORK"
 
@@ -36,8 +38,9 @@ step() {  # step NAME LIMIT_S CMD...: run under min(LIMIT, what is left of BUDGE
     fi
     echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
     local t0=$(date +%s)
-    timeout "$limit" "$@" >"$WORK/$name.out" 2>&1
+    timeout -k 10 "$limit" "$@" >"$WORK/$name.out" 2>&1
     local rc=$?
+    ((rc != 0)) && FAILED="$FAILED $name"
     cat "$WORK/$name.out" >>"$LOG"
     grep -h '^{"bench"' "$WORK/$name.out" >>"$RES"
     echo "=== $name rc=$rc in $(($(date +%s) - t0))s" | tee -a "$LOG"
@@ -75,4 +78,5 @@ step generation_base 60 python3 benchmarks/bench_generation.py --preset base --n
 step streaming 45 python3 benchmarks/bench_streaming.py --shards "$WORK/shards" --workers 0 4 8 16
 step scaling_base 90 python3 benchmarks/bench_scaling.py --preset base --seq-lens 256 1024 4096 \
     --tokens-per-step 16384 --image-sides 4 16 --peak-sizes 4096 8192 --repeats 2
-echo "=== all done in $(($(date +%s) - START))s" | tee -a "$LOG"
+echo "=== all done in $(($(date +%s) - START))s; failed or timed out:${FAILED:- none}" | tee -a "$LOG"
+[[ -z "$FAILED" ]]  # the exit status says whether every step that ran passed

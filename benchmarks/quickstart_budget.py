@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     peak = {"sum": 0, "max": 0}
     marks: list[tuple[str, float]] = []  # (step title, seconds since start)
     start = time.perf_counter()
-    with open(log_path, "w") as log:
+    with open(log_path, "w", buffering=1) as log:  # line-buffered: the child's stderr shares the file
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the [k/6] lines arrive when printed
         child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1, env=env)
         proc = psutil.Process(child.pid)
@@ -91,15 +91,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "variant": args.variant,
         "cpu_count": os.cpu_count(),
         "wall_s": round(wall, 1),
-        "peak_rss_sum_gb": round(peak["sum"] / 2**30, 2),
-        "peak_rss_max_process_gb": round(peak["max"] / 2**30, 2),
+        "peak_rss_sum_gib": round(peak["sum"] / 2**30, 2),
+        "peak_rss_max_process_gib": round(peak["max"] / 2**30, 2),
         "steps": steps,
     }
     for s in steps:
         print(f"{s['step']:<40}{s['seconds']:>9.1f} s")
     print(f"{'total':<40}{wall:>9.1f} s")
-    print(f"peak RSS: {results['peak_rss_sum_gb']} GiB summed over processes, "
-          f"{results['peak_rss_max_process_gb']} GiB in the largest")  # fmt: skip
+    print(f"peak RSS: {results['peak_rss_sum_gib']} GiB summed over processes, "
+          f"{results['peak_rss_max_process_gib']} GiB in the largest")  # fmt: skip
     emit_json(results, args.json)
     return results
 

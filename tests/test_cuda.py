@@ -81,8 +81,14 @@ def _on(batch, device: torch.device) -> dict:
 
 
 # ----------------------------------------------------------------------------- attention kernels
+def _skip_flex_on_cpu(impl: str) -> None:
+    if impl == "flex" and DEVICE.type == "cpu":
+        pytest.skip("flex_attention has no CPU backward (dry run)")
+
+
 @pytest.mark.parametrize("impl", ["sdpa_per_doc", "sdpa_dense_mask", "flex"])
 def test_packed_attention_kernels_match_the_cpu_reference(impl: str) -> None:
+    _skip_flex_on_cpu(impl)
     g = torch.Generator().manual_seed(0)
     b, h, h_kv, d = len(SEQ_LENS), 4, 2, 64
     cpu = [torch.randn(b, hh, N, d, generator=g) for hh in (h, h_kv, h_kv)]  # q, k, v: (b, h, n, d)
@@ -110,6 +116,7 @@ def test_packed_attention_kernels_match_the_cpu_reference(impl: str) -> None:
 # ----------------------------------------------------------------------------- decoder
 @pytest.mark.parametrize("attn_impl", ["sdpa_per_doc", "flex"])
 def test_decoder_on_cuda_matches_cpu(tok: TextTokenizer, attn_impl: str) -> None:
+    _skip_flex_on_cpu(attn_impl)
     batch = _packed_batch(tok)
     ref = _model(tok, attn_impl="sdpa_per_doc").train()
     model = _model(tok, attn_impl=attn_impl).to(DEVICE).train()
@@ -123,9 +130,12 @@ def test_decoder_on_cuda_matches_cpu(tok: TextTokenizer, attn_impl: str) -> None
         torch.testing.assert_close(p.grad.cpu(), p_ref.grad, atol=1e-4, rtol=1e-3, msg=name)
 
 
-def test_bf16_autocast_step_is_finite_and_close_to_fp32(tok: TextTokenizer) -> None:
+@pytest.mark.parametrize("attn_impl", ["sdpa_per_doc", "flex"])
+def test_bf16_autocast_step_is_finite_and_close_to_fp32(tok: TextTokenizer, attn_impl: str) -> None:
+    """As the trainer runs under --mixed_precision bf16 (QK-norm on: fp32 q, k beside bf16 v)."""
+    _skip_flex_on_cpu(attn_impl)
     batch = _on(_packed_batch(tok), DEVICE)
-    model = _model(tok).to(DEVICE).train()
+    model = _model(tok, attn_impl=attn_impl, qk_norm=True).to(DEVICE).train()
     fp32 = model(**batch).loss
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         bf16 = model(**batch).loss
@@ -149,9 +159,6 @@ def test_generation_on_cuda_cached_equals_uncached(tok: TextTokenizer, dtype: to
         assert a.shape == (3, 3, 4) and 0 <= int(a.min()) and int(a.max()) < NUM_CODES
         if dtype == torch.float32:  # bf16 logits of a cached step and a full forward may round apart
             assert torch.equal(a, b), kw
-    greedy_cpu = generate_image_codes(_model(tok), [p.cpu() for p in prompts], 3, 4, temperature=0.0)
-    greedy_cuda = generate_image_codes(_model(tok).to(DEVICE), prompts, 3, 4, temperature=0.0)
-    assert (greedy_cuda.cpu() == greedy_cpu).float().mean() >= 0.9  # fp32 near-ties may differ
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -194,8 +201,10 @@ def test_trainer_and_pipelines_run_on_cuda(tmp_path: Path) -> None:
     from ar_model.train import main
     from pipelines import ImageToTextPipeline
 
-    cfg = tiny_train_config(save_tiny_tokenizer(tmp_path / "tokenizer"), tmp_path / "run", log_every=10)
-    main(cfg)  # in-process: accelerate puts the model on the GPU
+    cfg = tiny_train_config(
+        save_tiny_tokenizer(tmp_path / "tokenizer"), tmp_path / "run", log_every=10, ema_decay=0.9
+    )
+    main(cfg)  # in-process: accelerate puts the model on the GPU; the EMA copy follows (ema_copy)
     folder = tmp_path / "run" / "final"
     model = MMGenerator.from_pretrained(folder).to(DEVICE)
     t2i = pipeline("text-to-image", model=model)
