@@ -7,9 +7,11 @@
 Runs ``python -m pipelines.quickstart --fresh --out DIR --preset P --variant V`` as a child process and,
 every ``--interval`` seconds, sums the resident memory (RSS) of it and all its descendants (the
 ``accelerate launch`` ranks and DataLoader workers included). Reports the wall time of each of the six
-steps (from the job's ``[k/6]`` lines), the total, the peak summed RSS and the peak RSS of any single
-process. Summed RSS counts pages shared between processes (the torch libraries) once per process, so
-it overstates the memory the machine needs; both numbers are reported. Prints a table and one JSON line
+steps (from the job's ``[k/6]`` lines), the total, and three peaks of the tree's memory: summed RSS
+(counts pages shared between processes, such as the torch libraries, once per process, so it overstates
+what the machine needs), summed PSS (proportional set size: each shared page split among the processes
+sharing it, so the sum is the tree's real footprint; Linux only, else omitted) and the largest RSS of
+a single process. Prints a table and one JSON line
 ``{"bench": "quickstart_budget", ...}``; the job's own output goes to ``DIR.log``.
 """
 
@@ -30,16 +32,22 @@ from bench_common import emit_json
 STEP = re.compile(r"^\[(\d)/6\] (.*)")
 
 
-def tree_rss(proc: psutil.Process) -> tuple[int, int]:
-    """(sum, max) of the resident bytes of ``proc`` and its descendants (processes that vanish skip)."""
-    total = largest = 0
+def tree_memory(proc: psutil.Process) -> tuple[int, int, int | None]:
+    """(summed RSS, summed PSS or None, largest RSS) in bytes over ``proc`` and its descendants
+    (processes that vanish while being read are skipped)."""
+    total = largest = pss = 0
+    has_pss = True
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            rss = p.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            mem = p.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        total, largest = total + rss, max(largest, rss)
-    return total, largest
+        total, largest = total + mem.rss, max(largest, mem.rss)
+        if hasattr(mem, "pss"):
+            pss += mem.pss
+        else:
+            has_pss = False
+    return total, (pss if has_pss else None), largest
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -55,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     cmd += ["--preset", args.preset, "--variant", args.variant]
     log_path = Path(f"{args.out}.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    peak = {"sum": 0, "max": 0}
+    peak = {"sum": 0, "pss": 0, "max": 0}
     marks: list[tuple[str, float]] = []  # (step title, seconds since start)
     start = time.perf_counter()
     with open(log_path, "w", buffering=1) as log:  # line-buffered: the child's stderr shares the file
@@ -66,8 +74,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
         def sample() -> None:
             while not stop.is_set():
-                total, largest = tree_rss(proc)
+                total, pss, largest = tree_memory(proc)
                 peak["sum"], peak["max"] = max(peak["sum"], total), max(peak["max"], largest)
+                peak["pss"] = None if pss is None or peak["pss"] is None else max(peak["pss"], pss)
                 stop.wait(args.interval)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -92,14 +101,16 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "cpu_count": os.cpu_count(),
         "wall_s": round(wall, 1),
         "peak_rss_sum_gib": round(peak["sum"] / 2**30, 2),
+        "peak_pss_sum_gib": None if peak["pss"] is None else round(peak["pss"] / 2**30, 2),
         "peak_rss_max_process_gib": round(peak["max"] / 2**30, 2),
         "steps": steps,
     }
     for s in steps:
         print(f"{s['step']:<40}{s['seconds']:>9.1f} s")
     print(f"{'total':<40}{wall:>9.1f} s")
-    print(f"peak RSS: {results['peak_rss_sum_gib']} GiB summed over processes, "
-          f"{results['peak_rss_max_process_gib']} GiB in the largest")  # fmt: skip
+    print(f"peak memory: RSS {results['peak_rss_sum_gib']} GiB summed over processes, PSS "
+          f"{results['peak_pss_sum_gib']} GiB summed, RSS {results['peak_rss_max_process_gib']} GiB in the "
+          "largest")  # fmt: skip
     emit_json(results, args.json)
     return results
 
