@@ -34,11 +34,11 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import emit_json  # noqa: E402
 from bench_decoder_train import llama_twin, time_interleaved  # noqa: E402
+from bench_packing import preset_dims  # noqa: E402
 
 from ar_model.config import MMDecoderConfig  # noqa: E402
 from ar_model.generation import generate_tokens  # noqa: E402
 from ar_model.modeling import MMDecoderForCausalLM  # noqa: E402
-from ar_model.presets import PRESETS  # noqa: E402
 
 
 @torch.no_grad()
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     dims = dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024)
     if args.preset is not None:
-        dims = {k: v for k, v in PRESETS[args.preset].items() if k != "tie_embeddings"}
+        dims = preset_dims(args.preset)
     elif args.quick:
         dims.update(hidden_size=64, num_layers=2, intermediate_size=128)
     cfg = MMDecoderConfig(

@@ -81,6 +81,11 @@ def caption_documents(
     return docs, tok
 
 
+def preset_dims(preset: str) -> dict[str, int]:
+    """The trunk dimensions of an ``ar_model`` preset, untied (as ``LlamaForCausalLM``'s default)."""
+    return {k: v for k, v in PRESETS[preset].items() if k != "tie_embeddings"}
+
+
 def decoder_config(
     tok: TextTokenizer, scheme: str, quick: bool, preset: str | None = None, **overrides
 ) -> MMDecoderConfig:
@@ -91,8 +96,7 @@ def decoder_config(
     """
     dims = dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024, vocab_size=4096)
     if preset is not None:
-        dims = dict(PRESETS[preset], vocab_size=4096)
-        dims.pop("tie_embeddings", None)  # untied, as LlamaForCausalLM's default
+        dims = dict(preset_dims(preset), vocab_size=4096)
     elif quick:
         dims.update(hidden_size=64, num_layers=2, intermediate_size=128)
     return MMDecoderConfig(**vocab_layout(tok, NUM_IMAGE_CODES), **dims, rope_scheme=scheme, **overrides)
