@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 from data.digits import DIGIT_WORDS, generate_digits
 from data.digits_classifier import DigitsClassifier, digit_prompts, images_to_pil
 from data.images import make_grid
-from data.shapes import EVAL_CATEGORIES, eval_prompts, generate_shapes, judge
+from data.shapes import EVAL_CATEGORIES, JudgeResult, eval_prompts, generate_shapes, judge
 
 TARGETS: dict[str, float] = {
     "single": 0.9,
@@ -82,6 +82,25 @@ class T2IResult:
     images: dict[str, torch.Tensor]  # category -> uint8 (n, 3, H, W)
     prompts: dict[str, list[str]]
     correct: dict[str, list[bool]] = field(default_factory=dict)
+    # category -> share of images failing each judge rule, and the share with each detected-object count
+    rules: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+JUDGE_RULES: tuple[str, ...] = ("color_ok", "shape_ok", "count_ok", "size_ok", "position_ok")
+
+
+def rule_breakdown(results: list[JudgeResult]) -> dict[str, float]:
+    """Why images fail: the share failing each judge rule (``fails_<rule>``) and the share with
+    0, 1, 2 and 3+ detected objects (``objects_<n>``). A failing image may break several rules."""
+    n = max(len(results), 1)
+    out = {
+        f"fails_{rule.removesuffix('_ok')}": sum(not getattr(r, rule) for r in results) / n
+        for rule in JUDGE_RULES
+    }
+    for k in range(4):
+        hits = sum((len(r.detected) >= 3) if k == 3 else (len(r.detected) == k) for r in results)
+        out[f"objects_{k}{'+' if k == 3 else ''}"] = hits / n
+    return out
 
 
 @dataclass
@@ -169,7 +188,9 @@ def evaluate_text_to_image(
     for i, c in enumerate(categories):
         chunk = images[i * n_per_category : (i + 1) * n_per_category]
         pils = images_to_pil(chunk)
-        result.correct[c] = [judge(im, spec).score(c) for im, (_, spec) in zip(pils, prompts[c])]
+        verdicts = [judge(im, spec) for im, (_, spec) in zip(pils, prompts[c])]
+        result.correct[c] = [v.score(c) for v in verdicts]
+        result.rules[c] = rule_breakdown(verdicts)
         result.scores[c] = float(np.mean(result.correct[c]))
         result.images[c] = chunk
         result.prompts[c] = [caption for caption, _ in prompts[c]]
@@ -336,6 +357,7 @@ def metrics_dict(t2i: T2IResult, digits: DigitsResult, captions: CaptionResult) 
     scores = {**t2i.scores, "digits": digits.accuracy}
     return {
         "text_to_image": t2i.scores,
+        "text_to_image_failures": t2i.rules,
         "digits": {
             "accuracy": digits.accuracy,
             "per_digit": {DIGIT_WORDS[k]: v for k, v in digits.per_digit.items()},
@@ -359,8 +381,19 @@ def format_table(metrics: dict[str, Any]) -> str:
         t = targets.get(name)
         return f"{t['target']:.2f} {'ok' if t['met'] else 'MISSED'}" if t else ""
 
+    failures, why_lines = metrics.get("text_to_image_failures", {}), []
     for c, v in metrics["text_to_image"].items():
         rows.append((f"t2i {c}", f"{v:.3f}", target(c)))
+        if v < 1 and c in failures:  # why the misses failed, most common rule first
+            fails = sorted(
+                ((k[6:], r) for k, r in failures[c].items() if k.startswith("fails_") and r),
+                key=lambda x: -x[1],
+            )
+            counts = "/".join(
+                f"{failures[c][k]:.0%}" for k in ("objects_0", "objects_1", "objects_2", "objects_3+")
+            )
+            why = ", ".join(f"{k} {r:.0%}" for k, r in fails)
+            why_lines.append(f"t2i {c} fails {why or '-'}; images with 0/1/2/3+ objects {counts}")
     d = metrics["digits"]
     rows.append(("t2i digits", f"{d['accuracy']:.3f}", target("digits")))
     rows.append(("  digit classifier (real test)", f"{d['classifier_test_accuracy']:.3f}", ""))
@@ -371,7 +404,7 @@ def format_table(metrics: dict[str, Any]) -> str:
     rows.append(("  captions shapes parsed", f"{cap['shapes_parse_rate']:.3f}", ""))
     rows.append(("captions digits", f"{cap['digits_accuracy']:.3f}", ""))
     width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{a:<{width}}  {b:>6}  {c}".rstrip() for a, b, c in rows)
+    return "\n".join([*(f"{a:<{width}}  {b:>6}  {c}".rstrip() for a, b, c in rows), *why_lines])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from ar_model.evaluate import (
     evaluate_text_to_image,
     main,
     names_digit,
+    rule_breakdown,
     sample_grids,
 )
 from data.digits import DIGIT_WORDS, generate_digits
@@ -95,6 +96,37 @@ def test_text_to_image_oracle_scores_high_and_blank_low(oracle):
         assert len(result.prompts[c]) == 20 and len(result.correct[c]) == 20
     blank = evaluate_text_to_image(BlankGenerator(), n_per_category=20, seed=1)
     assert all(v <= 0.05 for v in blank.scores.values()), blank.scores
+
+
+class FirstObjectGenerator:
+    """Draws only the first object a shapes prompt names: every two-object image misses one."""
+
+    resolution = RES
+
+    def text_to_image(self, prompts, *, seed=0, **sampling):
+        scenes = [scene_for_caption(p, RES, seed=seed + i) for i, p in enumerate(prompts)]
+        for scene in scenes:
+            scene.objects = scene.objects[:1]
+        return _uint8([render_scene(s) for s in scenes])
+
+    def image_to_text(self, images, **kwargs):
+        return [""] * len(images)
+
+
+def test_rule_breakdown_says_why_images_fail(oracle):
+    good = evaluate_text_to_image(oracle, n_per_category=10, categories=["single", "count"], seed=3)
+    assert good.rules["single"]["objects_1"] == 1.0
+    assert good.rules["count"]["objects_2"] + good.rules["count"]["objects_3+"] == 1.0
+    assert all(v == 0.0 for c in good.rules for k, v in good.rules[c].items() if k.startswith("fails_"))
+    half = evaluate_text_to_image(
+        FirstObjectGenerator(), n_per_category=10, categories=["two_objects"], seed=3
+    )
+    rules = half.rules["two_objects"]
+    assert half.scores["two_objects"] == 0.0
+    assert rules["objects_1"] == 1.0 and rules["fails_count"] == 1.0 and rules["fails_position"] == 0.0
+    blank = evaluate_text_to_image(BlankGenerator(), n_per_category=5, categories=["single"], seed=3)
+    assert blank.rules["single"]["objects_0"] == 1.0 and blank.rules["single"]["fails_color"] == 1.0
+    assert rule_breakdown([]) == {k: 0.0 for k in rules}
 
 
 def test_text_to_image_scores_agree_with_judge_batch(oracle):

@@ -30,6 +30,10 @@ def test_quickstart_smoke_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert "**single**" in text and "**two_objects**" in text  # category titles
     decoder = json.loads((out / "eval" / "decoder_metrics.json").read_text())
     assert set(decoder["text_to_image"]) >= {"single", "two_objects", "position", "count", "overall"}
+    failures = decoder["text_to_image_failures"]
+    assert set(failures) == set(decoder["text_to_image"]) - {"overall"}
+    assert all(abs(sum(v[k] for k in v if k.startswith("objects_")) - 1) < 1e-9 for v in failures.values())
+    assert "Why images fail" in text and "| fails_count |" in text
     from transformers import pipeline
 
     import pipelines  # noqa: F401  (registers the task)
@@ -68,3 +72,23 @@ def test_quickstart_continuous_variant_smoke(tmp_path, capsys):
     assert image.size == (32, 32)
     with pytest.raises(SystemExit, match="holds a --variant continuous run"):
         main(["--out", str(out), "--preset", "smoke", "--variant", "discrete"])
+
+
+def test_preset_tokenizer_overrides_come_before_the_users(tmp_path, monkeypatch):
+    """The demo's narrow tokenizer is a preset override; a user's --model.* on the command line wins."""
+    import dataclasses
+
+    import tokenizers_mm.train
+    from pipelines.quickstart import PRESETS, step_tokenizer
+
+    seen = []
+    monkeypatch.setattr(tokenizers_mm.train, "main", lambda cfg: seen.append(cfg))
+    assert PRESETS["demo"].tokenizer_overrides == ("--model.base_channels", "16")
+    preset = dataclasses.replace(PRESETS["demo"], tokenizer_config="fsq_8x8.yaml")
+    data = {"shapes": tmp_path / "s", "digits": tmp_path / "d"}
+    for path in data.values():
+        path.mkdir()
+    step_tokenizer(tmp_path / "a", preset, data, [])
+    step_tokenizer(tmp_path / "b", preset, data, ["--model.base_channels", "8"])
+    assert [cfg.model["base_channels"] for cfg in seen] == [16, 8]
+    assert seen[0].max_steps == preset.tokenizer_steps and seen[0].model["fsq_entropy_weight"] == 0.05
