@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -286,23 +287,32 @@ def _codes_folders(accelerator: Accelerator, cfg: TrainConfig, tokenizer_dir: st
     nums = cfg.train_nums or [cfg.train_num] * len(cfg.train_data)
     jobs = [("train", i, s, n, cfg.seed) for i, (s, n) in enumerate(zip(cfg.train_data, nums))]
     jobs += [("val", i, s, cfg.val_num, cfg.val_seed) for i, s in enumerate(cfg.val_data)]
-    for split, i, source, num, seed in jobs:
-        folder = out_dir / "codes" / f"{split}-{i}"
-        if accelerator.is_main_process and not _cached_codes_match(folder, source, num, cfg.resolution, seed):
-            extract_codes(
-                tokenizer=tokenizer_dir,
-                dataset=source,
-                num=num,
-                resolution=cfg.resolution,
-                out=folder,
-                split="train" if split == "train" else "test",
-                seed=seed,
-                overwrite=True,
-                progress=True,
-                device=accelerator.device,
-                allow_pipe=cfg.allow_pipe,
-            )
-        folders[split].append(folder)
+    # The other ranks wait at the barrier below, so on CPU the main process may use their cores too.
+    threads = torch.get_num_threads()
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(min(os.cpu_count() or 1, threads * accelerator.num_processes))
+    try:
+        for split, i, source, num, seed in jobs:
+            folder = out_dir / "codes" / f"{split}-{i}"
+            if accelerator.is_main_process and not _cached_codes_match(
+                folder, source, num, cfg.resolution, seed
+            ):
+                extract_codes(
+                    tokenizer=tokenizer_dir,
+                    dataset=source,
+                    num=num,
+                    resolution=cfg.resolution,
+                    out=folder,
+                    split="train" if split == "train" else "test",
+                    seed=seed,
+                    overwrite=True,
+                    progress=True,
+                    device=accelerator.device,
+                    allow_pipe=cfg.allow_pipe,
+                )
+            folders[split].append(folder)
+    finally:
+        torch.set_num_threads(threads)
     accelerator.wait_for_everyone()
     return folders
 

@@ -20,7 +20,7 @@ import torch
 
 from data.sources import images_tensor
 from tokenizers_mm.config_io import load_config
-from tokenizers_mm.evaluate import evaluate_tokenizer
+from tokenizers_mm.evaluate import evaluate_tokenizer, judge_reconstructions
 from tokenizers_mm.modeling import ImageTokenizer
 from tokenizers_mm.train import TrainConfig, main
 
@@ -54,7 +54,9 @@ QUICK = [
 QUICK_MODEL = ["--model.base_channels", "8"]  # not for raw patches, which have no model options
 
 
-def run_one(name: str, out_root: Path, quick: bool, eval_num: int, skip_train: bool = False) -> dict:
+def run_one(
+    name: str, out_root: Path, quick: bool, eval_num: int, skip_train: bool = False, judge_num: int = 100
+) -> dict:
     config, extra = RUNS[name]
     overrides = [*extra, "--output_dir", str(out_root / name), "--log_every", "50"]
     if quick:
@@ -81,6 +83,9 @@ def run_one(name: str, out_root: Path, quick: bool, eval_num: int, skip_train: b
         if "codebook_usage" in m:
             row[f"{dataset}_usage"] = round(m["codebook_usage"], 4)
             row[f"{dataset}_perplexity"] = round(m["perplexity"], 1)
+    # the judge on reconstructions of the Stage-2 evaluation scenes: the ceiling for a decoder on these tokens
+    judged = judge_reconstructions(model, n_per_category=4 if quick else judge_num)
+    row.update({f"judge_{k}": round(v, 3) for k, v in judged.items()})
     return row
 
 
@@ -89,6 +94,7 @@ def main_cli(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--only", nargs="*", choices=list(RUNS), default=None)
     p.add_argument("--quick", action="store_true", help="tiny settings for CI (numbers meaningless)")
     p.add_argument("--eval_num", type=int, default=512)
+    p.add_argument("--judge_num", type=int, default=100, help="judged reconstructions per shapes category")
     p.add_argument("--out", default=None, help="run folder (default: a temp dir)")
     p.add_argument("--skip_train", action="store_true", help="evaluate finished runs in --out/NAME")
     args = p.parse_args(argv)
@@ -96,10 +102,19 @@ def main_cli(argv: list[str] | None = None) -> list[dict]:
     out_root = Path(args.out or tempfile.mkdtemp(prefix="tokenizer_targets_"))
     rows = []
     for name in names:
-        row = run_one(name, out_root, args.quick, args.eval_num, args.skip_train)
+        row = run_one(name, out_root, args.quick, args.eval_num, args.skip_train, args.judge_num)
         print(json.dumps({"bench": "tokenizer_targets", **row}), flush=True)
         rows.append(row)
-    cols = ["run", "steps", "train_time_s", "shapes_psnr", "shapes_usage", "digits_psnr", "photos_psnr"]
+    cols = [
+        "run",
+        "steps",
+        "train_time_s",
+        "shapes_psnr",
+        "shapes_usage",
+        "digits_psnr",
+        "photos_psnr",
+        "judge_overall",
+    ]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")

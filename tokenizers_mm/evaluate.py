@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -53,6 +54,35 @@ def evaluate_tokenizer(model: ImageTokenizer, images: torch.Tensor, batch_size: 
         out["codebook_size"] = model.config.codebook_size
         out["bits_per_image"] = grid[0] * grid[1] * math.log2(model.config.codebook_size)
     return out
+
+
+@torch.no_grad()
+def judge_reconstructions(
+    model: ImageTokenizer, n_per_category: int = 100, resolution: int = 32, seed: int = 0
+) -> dict[str, float]:
+    """The judge's accuracy per shapes category on reconstructions of the Stage-2 evaluation scenes.
+
+    Renders the reference scene of each ``data.shapes.eval_prompts`` prompt, encodes and decodes it, and
+    judges the reconstruction against the prompt: the ceiling a decoder trained on these tokens can reach
+    (a perfect tokenizer scores 1.0 everywhere). Keys: the categories and "overall" (their mean).
+    """
+    from data.images import tensor_to_pil
+    from data.shapes import EVAL_CATEGORIES, eval_prompts, judge, render_scene
+
+    model.eval()
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    scores: dict[str, float] = {}
+    for category in EVAL_CATEGORIES:
+        prompts = eval_prompts(category, n_per_category, seed, resolution)
+        pixels = torch.stack(
+            [torch.from_numpy(np.array(render_scene(spec))).permute(2, 0, 1) for _, spec in prompts]
+        )  # (n, 3, R, R) uint8
+        x = (pixels.float() / 127.5 - 1.0).to(device)
+        recon = model.decode(model.encode(x)).cpu()
+        hits = [judge(tensor_to_pil(r), spec).score(category) for r, (_, spec) in zip(recon, prompts)]
+        scores[category] = sum(hits) / len(hits)
+    scores["overall"] = sum(scores.values()) / len(scores)
+    return scores
 
 
 @torch.no_grad()

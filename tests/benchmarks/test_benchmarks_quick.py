@@ -33,6 +33,8 @@ def test_tokenizer_targets_quick(tmp_path):
     rows = _run("tokenizer_targets.py", "--only", "fsq_8x8", "patches_4", "--out", str(tmp_path))
     assert [r["run"] for r in rows] == ["fsq_8x8", "patches_4"]
     assert rows[1]["photos_psnr"] > 90  # raw patches are lossless
+    assert rows[1]["judge_overall"] == 1.0  # so the judge passes every reconstructed scene
+    assert 0 <= rows[0]["judge_overall"] < 1.0  # a 3-step tokenizer's reconstructions do not pass
 
 
 def test_bench_decoder_train_quick(tmp_path):
