@@ -83,12 +83,12 @@ def test_preset_tokenizer_overrides_come_before_the_users(tmp_path, monkeypatch)
 
     seen = []
     monkeypatch.setattr(tokenizers_mm.train, "main", lambda cfg: seen.append(cfg))
-    assert PRESETS["demo"].tokenizer_overrides == ("--model.base_channels", "16")
+    assert PRESETS["demo"].tokenizer_overrides[:2] == ("--model.base_channels", "16")
     preset = dataclasses.replace(PRESETS["demo"], tokenizer_config="fsq_8x8.yaml")
     data = {"shapes": tmp_path / "s", "digits": tmp_path / "d"}
     for path in data.values():
         path.mkdir()
     step_tokenizer(tmp_path / "a", preset, data, [])
     step_tokenizer(tmp_path / "b", preset, data, ["--model.base_channels", "8"])
-    assert [cfg.model["base_channels"] for cfg in seen] == [16, 8]
+    assert [cfg.model["base_channels"] for cfg in seen] == [16, 8] and seen[0].batch_size == 32
     assert seen[0].max_steps == preset.tokenizer_steps and seen[0].model["fsq_entropy_weight"] == 0.05
