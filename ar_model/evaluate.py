@@ -22,6 +22,7 @@ import json
 import math
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -97,9 +98,8 @@ def rule_breakdown(results: list[JudgeResult]) -> dict[str, float]:
         f"fails_{rule.removesuffix('_ok')}": sum(not getattr(r, rule) for r in results) / n
         for rule in JUDGE_RULES
     }
-    for k in range(4):
-        hits = sum((len(r.detected) >= 3) if k == 3 else (len(r.detected) == k) for r in results)
-        out[f"objects_{k}{'+' if k == 3 else ''}"] = hits / n
+    found = Counter(min(len(r.detected), 3) for r in results)  # 3 stands for 3+
+    out.update({f"objects_{k}{'+' if k == 3 else ''}": found[k] / n for k in range(4)})
     return out
 
 

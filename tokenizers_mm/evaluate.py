@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -66,7 +65,7 @@ def judge_reconstructions(
     judges the reconstruction against the prompt: the ceiling a decoder trained on these tokens can reach
     (a perfect tokenizer scores 1.0 everywhere). Keys: the categories and "overall" (their mean).
     """
-    from data.images import tensor_to_pil
+    from data.images import pil_to_tensor
     from data.shapes import EVAL_CATEGORIES, eval_prompts, judge, render_scene
 
     model.eval()
@@ -74,12 +73,9 @@ def judge_reconstructions(
     scores: dict[str, float] = {}
     for category in EVAL_CATEGORIES:
         prompts = eval_prompts(category, n_per_category, seed, resolution)
-        pixels = torch.stack(
-            [torch.from_numpy(np.array(render_scene(spec))).permute(2, 0, 1) for _, spec in prompts]
-        )  # (n, 3, R, R) uint8
-        x = (pixels.float() / 127.5 - 1.0).to(device)
-        recon = model.decode(model.encode(x)).cpu()
-        hits = [judge(tensor_to_pil(r), spec).score(category) for r, (_, spec) in zip(recon, prompts)]
+        x = torch.stack([pil_to_tensor(render_scene(spec)) for _, spec in prompts])  # (n, 3, R, R) in [-1, 1]
+        recon = model.decode(model.encode(x.to(device))).cpu()
+        hits = [judge(r, spec).score(category) for r, (_, spec) in zip(recon, prompts)]  # judge takes [-1, 1]
         scores[category] = sum(hits) / len(hits)
     scores["overall"] = sum(scores.values()) / len(scores)
     return scores
