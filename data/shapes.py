@@ -4,7 +4,8 @@ A scene has 1-3 non-overlapping objects (circle/square/triangle, 8 palette colou
 large) on black, and belongs to one judge category (`kind`):
 
 * "single": one object ("a red circle", "a small blue square");
-* "two_objects": two objects with different colour/shape ("a purple triangle and an orange circle");
+* "two_objects": two objects with different colour/shape ("a purple triangle and an orange circle"),
+  named in reading order (top to bottom, left to right within a band; see `_reading_order`);
 * "position": two such objects and one relation ("a blue circle left of a yellow triangle");
 * "count": 2 or 3 objects sharing colour, shape and size ("three green triangles").
 
@@ -158,6 +159,19 @@ def _distinct_pairs(rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
     return pairs
 
 
+READING_BANDS = 8  # rows of the canvas within which objects read left to right (8 = one row of an 8×8 grid)
+
+
+def _reading_order(box: Box, resolution: int) -> tuple[int, int]:
+    """Sort key putting objects in reading order: by the band of their top edge, then left to right.
+
+    A two-object caption names its objects in this order, which is the order a raster-scan decoder
+    draws them (its first token row holding each object's top edge), so the first phrase describes
+    the first object drawn.
+    """
+    return box[1] * READING_BANDS // resolution, box[0]
+
+
 def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
     return options[int(rng.integers(len(options)))]
 
@@ -176,6 +190,8 @@ def random_scene(kind: str, resolution: int, rng: np.random.Generator) -> SceneS
         objects = [
             ShapeObject(shape, color, size, box) for (color, shape), size, box in zip(pairs, sizes, boxes)
         ]
+        if relation is None:
+            objects.sort(key=lambda o: _reading_order(o.box, resolution))
         rel = Relation(0, relation, 1) if relation else None
         return SceneSpec(objects, resolution, kind, rel)
     if kind == "count":

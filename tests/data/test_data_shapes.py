@@ -98,6 +98,24 @@ def test_captions_agree_with_spec(scenes32):
             assert rel.relation in true_relations(a.box, b.box, gap)
 
 
+def test_two_object_captions_name_objects_in_reading_order(scenes32):
+    """The first phrase is the object a raster-scan decoder draws first: the higher one, or the left one
+    when their top edges share a band of 1/8 of the canvas (`_reading_order`)."""
+    pairs = [SceneSpec.from_dict(s.meta) for s in scenes32 if s.meta["kind"] == "two_objects"]
+    pairs += [spec for _, spec in eval_prompts("two_objects", 40)]
+    assert len(pairs) > 80
+    first_higher = same_band = 0
+    for spec in pairs:
+        req = parse_caption(spec.caption)
+        a, b = spec.objects
+        assert [(o.color, o.shape) for o in req.objects] == [(a.color, a.shape), (b.color, b.shape)]
+        band_a, band_b = a.box[1] * 8 // 32, b.box[1] * 8 // 32
+        assert band_a < band_b or (band_a == band_b and a.box[0] <= b.box[0]), spec
+        first_higher += band_a < band_b
+        same_band += band_a == band_b
+    assert first_higher > 0 and same_band > 0  # both rules are exercised
+
+
 def test_all_kinds_occur(scenes32):
     counts = Counter(s.meta["kind"] for s in scenes32)
     assert set(counts) == set(KINDS)
