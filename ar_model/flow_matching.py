@@ -36,6 +36,11 @@ class FlowLossConfig:
     logit_mean: float = 0.0  # logit-normal location (Esser et al. 2024, SD3, arXiv:2403.03206)
     logit_std: float = 1.0  # logit-normal scale
     shortcut_fraction: float = 0.25  # rows trained with self-consistency (Frans et al.: 1/8 to 1/4)
+    # Std of Gaussian noise added to the latents the decoder *reads* (teacher-forced inputs in training
+    # and validation, fed-back samples in generation), never to the flow targets. Continuous latents of
+    # background tokens leak the colour and kind of nearby shapes; read cleanly, they let the model
+    # predict an image from its own earlier latents and ignore the caption (README, issue 4).
+    input_noise: float = 0.0
 
     def __post_init__(self) -> None:
         spp = self.samples_per_position
@@ -50,6 +55,9 @@ class FlowLossConfig:
                 f"FlowLossConfig: need weight >= 0, logit_std > 0, 0 <= shortcut_fraction < 1; got "
                 f"{self.weight}, {self.logit_std}, {self.shortcut_fraction}"
             )
+        if not self.input_noise >= 0:
+            raise ValueError(f"FlowLossConfig: input_noise must be >= 0, got {self.input_noise}")
+        self.input_noise = float(self.input_noise)
         self.weight, self.logit_mean = float(self.weight), float(self.logit_mean)
         self.logit_std, self.shortcut_fraction = float(self.logit_std), float(self.shortcut_fraction)
 

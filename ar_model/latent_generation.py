@@ -115,6 +115,7 @@ def generate_image_latents(
     stepper = _Stepper(model, batch_ids, batch_pos, mask, image_pos, (0, 1), use_cache)
     hidden = stepper.prefill_hidden()  # (rows, c): the condition of latent 0
     head = model.diffusion_head
+    sigma = cfg.flow_loss_config.input_noise
     latents = torch.empty(b, hw, dim, device=device)
     placeholder = torch.full((hidden.shape[0],), cfg.latent_token_id, dtype=torch.long, device=device)
     for t in tqdm(range(hw), desc="image tokens", disable=not progress, leave=False):
@@ -134,6 +135,9 @@ def generate_image_latents(
         latents[:, t] = x
         if t + 1 == hw:
             break  # the last latent needs no forward pass
-        fed = torch.cat([x, x]) if guided else x  # the uncond rows continue with the same latents
+        fed = x
+        if sigma > 0:  # read the latent as training read its inputs (flow_loss.input_noise)
+            fed = x + sigma * _initial_noise(b, dim, generator, device)
+        fed = torch.cat([fed, fed]) if guided else fed  # the uncond rows continue with the same latents
         hidden = stepper.step_hidden(placeholder, image_pos[:, t], fed.to(hidden.dtype))
     return latents.view(b, h, w, dim)  # (b, h*w, D) -> (b, h, w, D), raster order

@@ -111,11 +111,17 @@ def unmask_image_latents(
     noise = torch.stack(
         _per_row(generator, b, lambda g: torch.randn(hw, dim, generator=g, device=device))
     )  # (b, hw, D), indexed by order step
+    sigma = cfg.flow_loss_config.input_noise
+    if sigma > 0:  # the known latents are read as training read its inputs (flow_loss.input_noise)
+        read_noise = sigma * torch.stack(
+            _per_row(generator, b, lambda g: torch.randn(hw, dim, generator=g, device=device))
+        )  # (b, hw, D)
     latents = torch.zeros(b, hw, dim, device=device)
     known = torch.zeros(b, hw, dtype=torch.bool, device=device)
     revealed = 0
     for count in tqdm(reveal_counts(hw, num_iter), desc="unmasking", disable=not progress, leave=False):
-        lat_in = torch.cat([latents, latents]) if guided else latents  # (rows, hw, D)
+        read = latents + read_noise if sigma > 0 else latents  # (b, hw, D)
+        lat_in = torch.cat([read, read]) if guided else read  # (rows, hw, D)
         known_in = torch.cat([known, known]) if guided else known  # (rows, hw)
         if use_cache:
             out = decoder(

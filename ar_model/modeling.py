@@ -620,8 +620,14 @@ class MMDecoderForCausalLM(MMDecoderPreTrainedModel):
         Continuous-token models (``latent_dim > 0``) return :class:`MMCausalLMOutput`. With ``labels`` and
         ``latents``/``latent_mask`` the loss is ``text CE + flow_loss.weight · flow loss``, the flow loss
         (:func:`~ar_model.flow_matching.flow_matching_loss`) over the pairs of :meth:`flow_pairs`, its
-        noise and times drawn from ``flow_generator``.
+        noise and times drawn from ``flow_generator``. With ``flow_loss.input_noise`` σ > 0 the trunk then
+        reads ``latents + σ·ε`` (ε from ``flow_generator``), while the flow targets stay clean.
         """
+        inputs = latents
+        sigma = self.config.flow_loss_config.input_noise if self.diffusion_head is not None else 0.0
+        if labels is not None and latents is not None and sigma > 0:
+            eps = torch.randn(latents.shape, generator=flow_generator, device=latents.device)  # (b, n, D)
+            inputs = latents + sigma * eps.to(latents.dtype)
         out = self.model(
             input_ids,
             positions=positions,
@@ -630,7 +636,7 @@ class MMDecoderForCausalLM(MMDecoderPreTrainedModel):
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             use_cache=use_cache,
-            latents=latents,
+            latents=inputs,
             latent_mask=latent_mask,
             **kwargs,
         )
