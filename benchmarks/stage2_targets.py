@@ -64,6 +64,8 @@ def evaluate(folder: Path, settings: dict, n_per_category: int, n_digits: int, n
     # OMP_NUM_THREADS wins (other jobs on the machine: one thread avoids OpenMP spin-wait stalls)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, os.cpu_count() or 1)))
     gen = MMGenerator.from_pretrained(folder)
+    if torch.cuda.is_available():  # evaluate where the run trained (GPU machines)
+        gen.to("cuda")
     # top_k applies to discrete codes, num_inference_steps to the diffusion head: drop the other one
     settings = {
         k: v for k, v in settings.items() if k != ("top_k" if gen.is_continuous else "num_inference_steps")
