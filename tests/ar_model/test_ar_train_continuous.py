@@ -232,7 +232,7 @@ def test_the_shipped_config_mirrors_the_discrete_one(tokenizer_dir):
     for key, value in discrete.items():
         if key == "model":
             assert {k: kl["model"][k] for k in value} == value
-        elif key != "output_dir":
+        elif key not in ("output_dir", "guidance_scale"):  # CFG on codes and on velocities is tuned apart
             assert kl[key] == value, key
     cfg = ar_train.parse_args(
         ["--config", str(root / "shapes_kl_cpu.yaml"), "--tokenizer", str(tokenizer_dir)]
