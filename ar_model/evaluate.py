@@ -386,7 +386,11 @@ def format_table(metrics: dict[str, Any]) -> str:
         rows.append((f"t2i {c}", f"{v:.3f}", target(c)))
         if v < 1 and c in failures:  # why the misses failed, most common rule first
             fails = sorted(
-                ((k[6:], r) for k, r in failures[c].items() if k.startswith("fails_") and r),
+                (
+                    (k.removeprefix("fails_"), r)
+                    for k, r in failures[c].items()
+                    if k.startswith("fails_") and r
+                ),
                 key=lambda x: -x[1],
             )
             counts = "/".join(
