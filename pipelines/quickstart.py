@@ -60,18 +60,24 @@ class QuickstartPreset:
 
 
 PRESETS: dict[str, QuickstartPreset] = {
-    "default": QuickstartPreset(shapes_num=20000, digits_num=4000, tokenizer_steps=None, eval_num=512),
-    # A first look in <= 5 min: a narrower tokenizer (base_channels 16: 0.43 vs 1.46 s/step at batch 64
-    # on a slow day here) trained on more, smaller batches (400 x 32 reached 23.5 dB, 200 x 64 19.0 dB),
-    # and a short decoder run on half-size batches.
+    # The data of the measured Stage-2 config (shapes_cpu.yaml: 50k shapes + 20k digits; 20k + 20k scored
+    # lower on every shapes category, 10k digits cost digit accuracy: README, Stage 2).
+    "default": QuickstartPreset(shapes_num=50000, digits_num=20000, tokenizer_steps=None, eval_num=512),
+    # A first look in <= 5 min: the narrow tokenizer on small batches (400 x 32 reached 23.5 dB, 200 x 64
+    # 19.0 dB), and a narrower, shallower decoder (hidden 128, 3 layers: ~10k tokens/s against ~4k for the
+    # tiny preset on the same day) on half-size batches, which reached validation loss 2.72 in 250 steps
+    # where the tiny preset's 120 steps reached 3.37 in about the same time (README, Quickstart).
     "demo": QuickstartPreset(
         shapes_num=4000,
         digits_num=1000,
-        tokenizer_steps=400,
+        tokenizer_steps=300,
         tokenizer_overrides=("--model.base_channels", "16", "--batch_size", "32"),
         eval_num=128,
-        decoder_steps=120,
-        decoder_overrides=("--tokens_per_batch", "2048", "--warmup_steps", "20"),
+        decoder_steps=200,
+        decoder_overrides=(
+            "--model.hidden_size", "128", "--model.num_layers", "3", "--lr", "3e-3",
+            "--tokens_per_batch", "2048", "--warmup_steps", "20",
+        ),  # fmt: skip
         n_per_category=20,
         n_digits=5,
         n_captions=20,
