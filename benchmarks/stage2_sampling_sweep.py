@@ -1,6 +1,10 @@
-"""Sampling sweep of a trained Stage-2 folder: judge scores per (CFG scale, temperature) and prompt seed.
+"""Sampling sweep of a trained Stage-2 folder: judge scores per sampling setting and prompt seed.
 
-    python benchmarks/stage2_sampling_sweep.py --model DIR --settings 1.5:1.0 2.5:0.6 --seeds 0 1
+    python benchmarks/stage2_sampling_sweep.py --model DIR --settings 1.5:1.0 2.0:0.8:50:0.9:linear --seeds 0
+
+A setting is ``CFG:temperature[:top_k[:top_p[:cfg_schedule]]]``: top_k 0 and top_p 1 switch those
+filters off (the defaults), and ``cfg_schedule`` is ``constant`` (default) or ``linear`` (guidance
+ramped from 1 to CFG over the image's tokens, ``ar_model.generation.guidance_scale_at``).
 
 Each setting is scored on the shapes categories (``--n_per_category`` prompts each) and on digits
 (``--n_digits`` per digit), once per seed; a seed changes both the prompts and the sampling noise, so a
@@ -12,19 +16,48 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
+
+from ar_model.generation import CFG_SCHEDULES
+
+
+def parse_setting(text: str) -> dict[str, Any]:
+    """``"2.0:0.8:50:0.9:linear"`` → sampling keywords of ``ar_model.evaluate`` (filters off at 0 / 1)."""
+    parts = text.split(":")
+    if not 2 <= len(parts) <= 5:
+        raise ValueError(f"{text!r} is not CFG:temperature[:top_k[:top_p[:cfg_schedule]]]")
+    cfg, temperature = float(parts[0]), float(parts[1])
+    top_k = int(parts[2]) if len(parts) > 2 else 0
+    top_p = float(parts[3]) if len(parts) > 3 else 1.0
+    schedule = parts[4] if len(parts) > 4 else "constant"
+    if cfg < 0 or temperature <= 0 or top_k < 0 or not 0 < top_p <= 1 or schedule not in CFG_SCHEDULES:
+        raise ValueError(
+            f"{text!r}: need CFG >= 0, temperature > 0, top_k >= 0, 0 < top_p <= 1 and a schedule in "
+            f"{CFG_SCHEDULES}"
+        )
+    return {
+        "guidance_scale": cfg,
+        "temperature": temperature,
+        "top_k": top_k or None,
+        "top_p": top_p if top_p < 1 else None,
+        "cfg_schedule": schedule,
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="MMGenerator folder (e.g. a stage2_targets run's final/)")
-    p.add_argument("--settings", nargs="+", default=["1.5:1.0"], help="CFG:temperature pairs")
+    p.add_argument(
+        "--settings", nargs="+", default=["1.5:1.0"], help="CFG:temperature[:top_k[:top_p[:cfg_schedule]]]"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--n_per_category", type=int, default=100)
     p.add_argument("--n_digits", type=int, default=20)
     args = p.parse_args(argv)
-    settings = [tuple(float(v) for v in s.split(":")) for s in args.settings]
-    if any(len(s) != 2 or s[0] < 0 or s[1] <= 0 for s in settings):
-        p.error("--settings takes CFG:temperature pairs with CFG >= 0 and temperature > 0, e.g. 2.5:0.6")
+    try:
+        settings = [parse_setting(s) for s in args.settings]
+    except ValueError as e:
+        p.error(f"--settings: {e}")
 
     from ar_model.evaluate import evaluate_digits, evaluate_text_to_image
     from ar_model.generator import MMGenerator
@@ -32,12 +65,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     gen = MMGenerator.from_pretrained(args.model)
     rows = []
     for seed in args.seeds:
-        for cfg, temperature in settings:
+        for sampling in settings:
             t0 = time.time()
-            sampling = {"guidance_scale": cfg, "temperature": temperature}
             t2i = evaluate_text_to_image(gen, n_per_category=args.n_per_category, seed=seed, **sampling)
             digits = evaluate_digits(gen, n_per_digit=args.n_digits, seed=seed, **sampling)
-            row = {"bench": "stage2_sampling_sweep", "seed": seed, "cfg": cfg, "temperature": temperature}
+            row = {"bench": "stage2_sampling_sweep", "seed": seed, "cfg": sampling["guidance_scale"]}
+            row.update({k: v for k, v in sampling.items() if k != "guidance_scale"})
             row.update({k: round(v, 3) for k, v in t2i.scores.items()})
             row.update({"digits": round(digits.accuracy, 3), "seconds": round(time.time() - t0, 1)})
             print(json.dumps(row), flush=True)

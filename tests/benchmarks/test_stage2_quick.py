@@ -40,3 +40,26 @@ def test_stage2_targets_quick(tmp_path):
     assert set(scores["text_to_image"]) >= {"single", "two_objects", "position", "count", "overall"}
     assert 0 <= scores["digits"]["accuracy"] <= 1
     assert json.loads(out.read_text())[0]["run"] == "target"
+    # the sampling sweep on the trained folder, with every setting field
+    sweep = _load("stage2_sampling_sweep").main(
+        ["--model", str(tmp_path / "runs" / "target" / "final"),
+         "--settings", "1.5:1.0", "2.0:0.8:5:0.9:linear", "--n_per_category", "1", "--n_digits", "1"]
+    )  # fmt: skip
+    assert [(r["cfg"], r["top_k"], r["top_p"], r["cfg_schedule"]) for r in sweep] == [
+        (1.5, None, None, "constant"),
+        (2.0, 5, 0.9, "linear"),
+    ]
+    assert all(0 <= r["single"] <= 1 and 0 <= r["digits"] <= 1 for r in sweep)
+
+
+def test_sampling_sweep_settings_parse_and_reject():
+    parse = _load("stage2_sampling_sweep").parse_setting
+    assert parse("2.5:0.6") == {
+        "guidance_scale": 2.5, "temperature": 0.6, "top_k": None, "top_p": None, "cfg_schedule": "constant"
+    }  # fmt: skip
+    assert parse("2:1:50:0.9:linear") == {
+        "guidance_scale": 2.0, "temperature": 1.0, "top_k": 50, "top_p": 0.9, "cfg_schedule": "linear"
+    }  # fmt: skip
+    for bad in ("2.0", "2:0", "2:1:-1", "2:1:0:0", "2:1:0:1.5", "2:1:0:1:cosine", "2:1:0:1:linear:x"):
+        with pytest.raises(ValueError):
+            parse(bad)
