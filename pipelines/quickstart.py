@@ -64,9 +64,9 @@ PRESETS: dict[str, QuickstartPreset] = {
     # lower on every shapes category, 10k digits cost digit accuracy: README, Stage 2).
     "default": QuickstartPreset(shapes_num=50000, digits_num=20000, tokenizer_steps=None, eval_num=512),
     # A first look in <= 5 min: the narrow tokenizer on small batches (400 x 32 reached 23.5 dB, 200 x 64
-    # 19.0 dB), and a narrower, shallower decoder (hidden 128, 3 layers: ~10k tokens/s against ~4k for the
-    # tiny preset on the same day) on half-size batches, which reached validation loss 2.72 in 250 steps
-    # where the tiny preset's 120 steps reached 3.37 in about the same time (README, Quickstart).
+    # 19.0 dB), and a narrower, shallower decoder on half-size batches (hidden 128, 3 layers: 250 steps at
+    # ~10k tokens/s reached validation loss 2.72 in 140 s; the tiny preset's 120 steps had reached 3.37 in
+    # 162 s on a slower day: README, Quickstart).
     "demo": QuickstartPreset(
         shapes_num=4000,
         digits_num=1000,
@@ -75,9 +75,9 @@ PRESETS: dict[str, QuickstartPreset] = {
         eval_num=128,
         decoder_steps=200,
         decoder_overrides=(
-            "--model.hidden_size", "128", "--model.num_layers", "3", "--lr", "3e-3",
-            "--tokens_per_batch", "2048", "--warmup_steps", "20",
-        ),  # fmt: skip
+            *("--model.hidden_size", "128", "--model.num_layers", "3", "--lr", "3e-3"),
+            *("--tokens_per_batch", "2048", "--warmup_steps", "20"),
+        ),
         n_per_category=20,
         n_digits=5,
         n_captions=20,
