@@ -50,6 +50,7 @@ def test_stage2_targets_quick(tmp_path):
         (2.0, 5, 0.9, "linear"),
     ]
     assert all(0 <= r["single"] <= 1 and 0 <= r["digits"] <= 1 for r in sweep)
+    assert set(sweep[0]["single_fails"]) == {"color", "shape", "count", "size", "position"}
 
 
 def test_sampling_sweep_settings_parse_and_reject():
