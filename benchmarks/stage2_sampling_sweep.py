@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row.update({"digits": round(digits.accuracy, 3), "seconds": round(time.time() - t0, 1)})
             # why single-object images fail (the category furthest from its target): judge rule shares
             rules = t2i.rules.get("single", {})
-            row["single_fails"] = {k.removeprefix("fails_"): round(v, 3) for k, v in rules.items() if k.startswith("fails_")}
+            row["single_fails"] = {
+                k.removeprefix("fails_"): round(v, 3) for k, v in rules.items() if k.startswith("fails_")
+            }
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
