@@ -92,3 +92,16 @@ def test_preset_tokenizer_overrides_come_before_the_users(tmp_path, monkeypatch)
     step_tokenizer(tmp_path / "b", preset, data, ["--model.base_channels", "8"])
     assert [cfg.model["base_channels"] for cfg in seen] == [16, 8] and seen[0].batch_size == 32
     assert seen[0].max_steps == preset.tokenizer_steps and seen[0].model["fsq_entropy_weight"] == 0.05
+
+
+def test_variants_set_their_configs_and_their_own_preset_sizes():
+    """A variant picks its configs; the continuous demo trains fewer decoder steps (its head is dearer)."""
+    from pipelines.quickstart import PRESETS, resolve_preset
+
+    discrete, continuous = resolve_preset("demo", "discrete"), resolve_preset("demo", "continuous")
+    assert (discrete.tokenizer_config, discrete.decoder_config) == ("fsq_8x8_joint.yaml", "shapes_cpu.yaml")
+    assert (continuous.tokenizer_config, continuous.decoder_config) == ("kl_8x8.yaml", "shapes_kl_cpu.yaml")
+    assert discrete.decoder_steps == PRESETS["demo"].decoder_steps == 200
+    assert continuous.decoder_steps == 80 < discrete.decoder_steps
+    assert continuous.decoder_overrides == discrete.decoder_overrides  # everything else is the preset's
+    assert resolve_preset("default", "continuous").decoder_steps is None  # the config's max_steps
