@@ -138,7 +138,7 @@ def resolve_preset(preset: str, variant: str) -> QuickstartPreset:
 
 
 VARIANTS: dict[str, Variant] = {
-    # fsq_8x8_joint.yaml: the Stage-1 target config (34.9 dB, usage 99.9%, 0.41M parameters, ~8 min here)
+    # fsq_8x8_joint.yaml: the Stage-1 target config (34.9 dB, usage 99.9%, 0.41M parameters, 8-12 min here)
     # CFG 2.0 / temperature 0.8: over 4 prompt seeds of the reading-order model (README, Stage 2) it met the
     # two-object, position, count and digit targets, which 1.5 / 1.0 met only partly
     "discrete": Variant("fsq_8x8_joint.yaml", "shapes_cpu.yaml", {"guidance_scale": 2.0, "temperature": 0.8}),
