@@ -103,6 +103,11 @@ def rule_breakdown(results: list[JudgeResult]) -> dict[str, float]:
     return out
 
 
+def failed_rules(breakdown: dict[str, float]) -> dict[str, float]:
+    """The ``fails_<rule>`` shares of a :func:`rule_breakdown`, keyed by rule name (``"color"``, ...)."""
+    return {k.removeprefix("fails_"): v for k, v in breakdown.items() if k.startswith("fails_")}
+
+
 @dataclass
 class DigitsResult:
     """Classifier accuracy on generated "digit k" images, overall and per digit."""
@@ -385,14 +390,7 @@ def format_table(metrics: dict[str, Any]) -> str:
     for c, v in metrics["text_to_image"].items():
         rows.append((f"t2i {c}", f"{v:.3f}", target(c)))
         if v < 1 and c in failures:  # why the misses failed, most common rule first
-            fails = sorted(
-                (
-                    (k.removeprefix("fails_"), r)
-                    for k, r in failures[c].items()
-                    if k.startswith("fails_") and r
-                ),
-                key=lambda x: -x[1],
-            )
+            fails = sorted(((k, r) for k, r in failed_rules(failures[c]).items() if r), key=lambda x: -x[1])
             counts = "/".join(
                 f"{failures[c][k]:.0%}" for k in ("objects_0", "objects_1", "objects_2", "objects_3+")
             )

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except ValueError as e:
         p.error(f"--settings: {e}")
 
-    from ar_model.evaluate import evaluate_digits, evaluate_text_to_image
+    from ar_model.evaluate import evaluate_digits, evaluate_text_to_image, failed_rules
     from ar_model.generator import MMGenerator
 
     gen = MMGenerator.from_pretrained(args.model)
@@ -74,10 +74,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row.update({k: round(v, 3) for k, v in t2i.scores.items()})
             row.update({"digits": round(digits.accuracy, 3), "seconds": round(time.time() - t0, 1)})
             # why single-object images fail (the category furthest from its target): judge rule shares
-            rules = t2i.rules.get("single", {})
-            row["single_fails"] = {
-                k.removeprefix("fails_"): round(v, 3) for k, v in rules.items() if k.startswith("fails_")
-            }
+            fails = failed_rules(t2i.rules.get("single", {}))
+            row["single_fails"] = {k: round(v, 3) for k, v in fails.items()}
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
