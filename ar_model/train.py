@@ -57,6 +57,7 @@ from ar_model.flow_matching import flow_matching_loss
 from ar_model.generator import MMGenerator
 from ar_model.image_blocks import image_block_ids, sample_visible_latents
 from ar_model.modeling import MMDecoderForCausalLM
+from ar_model.optim import OPTIMIZERS, build_optimizer
 from ar_model.packing import IGNORE_INDEX, TokenBatch
 from ar_model.presets import PRESETS, preset_config
 from ar_model.text_tokenizer import TextTokenizer, train_text_tokenizer
@@ -105,6 +106,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.05  # on matrices only (not norms)
+    optimizer: str = "adamw"  # "adamw" | "muon" (Muon on the layers' matrices, AdamW on the rest; ar_model.optim)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
     ema_decay: float = 0.0  # EMA of weights (0 disables); the final folder then holds the EMA weights
@@ -172,6 +174,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.text_model_type not in ("bpe", "unigram"):
             raise ValueError(f"text_model_type must be 'bpe' or 'unigram', got {self.text_model_type!r}")
         if self.push_to_hub and not self.hub_model_id:
@@ -604,13 +608,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         f"text vocab {text_tok.vocab_size}, "
         f"{batches.batches_per_epoch} batches/epoch/process"
     )
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=tuple(cfg.betas),
-    )
+    if collective and cfg.optimizer == "muon":
+        raise ValueError("optimizer muon orthogonalizes whole matrices; use DDP or one device, not FSDP")
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas)
     # accelerate steps a prepared scheduler once per process per optimizer step, hence the scaling.
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer,

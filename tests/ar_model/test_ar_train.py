@@ -45,8 +45,9 @@ def test_short_run_learns_and_leaves_a_loadable_folder(tmp_path, tokenizer_dir):
     assert torch.equal(saved["model.norm.weight"], gen.decoder.model.norm.weight)
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, tokenizer_dir):
-    kw = dict(max_steps=10, save_every=5, log_every=5, ema_decay=0.9)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tokenizer_dir, optimizer):
+    kw = dict(max_steps=10, save_every=5, log_every=5, ema_decay=0.9, optimizer=optimizer)
     main(_cfg(tmp_path, tokenizer_dir, **kw))
     run = tmp_path / "run"
     full = load_file(run / "final" / "model.safetensors")
@@ -89,6 +90,8 @@ def test_bad_arguments_fail_before_any_work(tmp_path, tokenizer_dir):
         parse_args(["--tokenizer", str(tokenizer_dir), "--no_such_key", "1"])
     with pytest.raises(SystemExit):
         parse_args(["--preset", "tiny"])  # no tokenizer
+    with pytest.raises(SystemExit):
+        parse_args(["--tokenizer", str(tokenizer_dir), "--optimizer", "sgd"])
     with pytest.raises(SystemExit):  # one count for two sources
         parse_args(
             ["--tokenizer", str(tokenizer_dir), "--train_data", "[shapes, digits]", "--train_nums", "[5]"]
@@ -99,13 +102,15 @@ def test_bad_arguments_fail_before_any_work(tmp_path, tokenizer_dir):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_process_run_keeps_ranks_identical(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_process_run_keeps_ranks_identical(tmp_path, tokenizer_dir, optimizer):
     run = tmp_path / "run"
     cmd = launch_cmd([
         "-m", "ar_model.train", "--tokenizer", str(tokenizer_dir), "--preset", "tiny",
         "--model", json.dumps(TINY_DECODER), "--train_num", "160", "--val_num", "16",
         "--max_len", "256", "--tokens_per_batch", "512", "--max_steps", "6", "--warmup_steps", "1",
         "--save_every", "3", "--eval_every", "3", "--num_sample_prompts", "2", "--output_dir", str(run),
+        "--optimizer", optimizer,
     ])  # fmt: skip
     proc = run_launch(cmd, cpu_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
