@@ -31,7 +31,7 @@ OPTIMIZERS = ("adamw", "muon")
 
 
 def newton_schulz_orthogonalize(m: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately U·Vᵀ of ``m``'s SVD U·S·Vᵀ (singular values land in about [0.7, 1.2]); same dtype as ``m``."""
+    """About U·Vᵀ of ``m``'s SVD U·S·Vᵀ (singular values land in about [0.7, 1.2]); ``m``'s dtype."""
     if m.ndim != 2:
         raise ValueError(f"Newton–Schulz needs a 2-D matrix, got shape {tuple(m.shape)}")
     a, b, c = NS_COEFFICIENTS

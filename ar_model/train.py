@@ -106,7 +106,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.05  # on matrices only (not norms)
-    optimizer: str = "adamw"  # "adamw" | "muon" (Muon on the layers' matrices, AdamW on the rest; ar_model.optim)
+    optimizer: str = "adamw"  # "adamw" | "muon" (Muon on layer matrices, AdamW elsewhere: ar_model.optim)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
     ema_decay: float = 0.0  # EMA of weights (0 disables); the final folder then holds the EMA weights
