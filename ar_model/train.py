@@ -557,6 +557,8 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     # FSDP shards the weights: every rank must join each forward (validation and sampling too), the
     # final weights are gathered with get_state_dict, and an EMA copy would need sharding of its own.
     collective = accelerator.distributed_type == DistributedType.FSDP
+    if collective and cfg.optimizer == "muon":  # before any data work
+        raise ValueError("optimizer muon orthogonalizes whole matrices; use DDP or one device, not FSDP")
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "train_config.json", json.dumps(to_dict(cfg), indent=2))
@@ -608,8 +610,6 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         f"text vocab {text_tok.vocab_size}, "
         f"{batches.batches_per_epoch} batches/epoch/process"
     )
-    if collective and cfg.optimizer == "muon":
-        raise ValueError("optimizer muon orthogonalizes whole matrices; use DDP or one device, not FSDP")
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas)
     # accelerate steps a prepared scheduler once per process per optimizer step, hence the scaling.
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
