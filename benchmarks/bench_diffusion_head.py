@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--n_per_category", type=int, default=50)
     p.add_argument("--categories", nargs="+", default=list(EVAL_CATEGORIES), choices=list(EVAL_CATEGORIES))
     p.add_argument("--guidance_scale", type=float, default=1.5)
+    p.add_argument("--temperature", type=float, default=1.0, help="scale of each token's initial noise")
     p.add_argument("--repeats", type=int, default=None, help="timing rounds (default 3, quick 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="tiny random model, 2 prompts (seconds, for CI)")
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     n_per_category=n,
                     categories=args.categories,
                     guidance_scale=args.guidance_scale,
+                    temperature=args.temperature,
                     num_inference_steps=s["steps"],
                     sampler=s["sampler"],
                 )
@@ -157,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": args.model or "tiny random (quick)",
         "threads": torch.get_num_threads(),
         "guidance_scale": args.guidance_scale,
+        "temperature": args.temperature,
         "n_per_category": n,
         "repeats": repeats,
         "tokens_per_image": h * w,

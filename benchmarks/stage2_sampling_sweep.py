@@ -9,6 +9,9 @@ ramped from 1 to CFG over the image's tokens, ``ar_model.generation.guidance_sca
 Each setting is scored on the shapes categories (``--n_per_category`` prompts each) and on digits
 (``--n_digits`` per digit), once per seed; a seed changes both the prompts and the sampling noise, so a
 second seed is a held-out check of a setting picked on the first. Prints one JSON line per run and seed.
+
+For a diffusion-head (continuous) model, temperature scales the initial noise, top-k/top-p do not apply,
+and ``--num_inference_steps`` / ``--sampler`` choose the head's sampler (shortcut steps, Euler or Heun).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--n_per_category", type=int, default=100)
     p.add_argument("--n_digits", type=int, default=20)
+    p.add_argument("--num_inference_steps", type=int, default=None, help="diffusion head steps (default 4)")
+    p.add_argument("--sampler", choices=["euler", "heun"], default=None, help="diffusion head sampler")
     args = p.parse_args(argv)
     try:
         settings = [parse_setting(s) for s in args.settings]
@@ -63,9 +68,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from ar_model.generator import MMGenerator
 
     gen = MMGenerator.from_pretrained(args.model)
+    head = {"num_inference_steps": args.num_inference_steps, "sampler": args.sampler}
+    head = {k: v for k, v in head.items() if v is not None}
+    if head and not gen.is_continuous:
+        p.error("--num_inference_steps / --sampler apply to a diffusion-head model; this one samples codes")
+    if gen.is_continuous:
+        head = {"num_inference_steps": 4, "sampler": "euler", **head}
     rows = []
     for seed in args.seeds:
         for sampling in settings:
+            sampling = {**sampling, **head}
             t0 = time.time()
             t2i = evaluate_text_to_image(gen, n_per_category=args.n_per_category, seed=seed, **sampling)
             digits = evaluate_digits(gen, n_per_digit=args.n_digits, seed=seed, **sampling)

@@ -51,6 +51,11 @@ def test_stage2_targets_quick(tmp_path):
     ]
     assert all(0 <= r["single"] <= 1 and 0 <= r["digits"] <= 1 for r in sweep)
     assert set(sweep[0]["single_fails"]) == {"color", "shape", "count", "size", "position"}
+    assert "num_inference_steps" not in sweep[0]
+    with pytest.raises(SystemExit):  # diffusion-head options on a code model are refused, not ignored
+        _load("stage2_sampling_sweep").main(
+            ["--model", str(tmp_path / "runs" / "target" / "final"), "--num_inference_steps", "8"]
+        )
 
 
 def test_sampling_sweep_settings_parse_and_reject():

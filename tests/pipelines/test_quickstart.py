@@ -66,6 +66,7 @@ def test_quickstart_continuous_variant_smoke(tmp_path, capsys):
     assert "## Stage 2: decoder" in report.read_text()
     decoder = json.loads((out / "eval" / "decoder_metrics.json").read_text())
     assert decoder["sampling"]["num_inference_steps"] == 4
+    assert f"temperature {decoder['sampling']['temperature']}, 4 head steps)" in report.read_text()
     t2i = pipeline("text-to-image", model=str(out / "model"))
     assert t2i.model.is_continuous
     image = t2i("a red circle", num_inference_steps=2, progress_bar=False)[0]["image"]
@@ -105,3 +106,13 @@ def test_variants_set_their_configs_and_their_own_preset_sizes():
     assert continuous.decoder_steps == 80 < discrete.decoder_steps
     assert continuous.decoder_overrides == discrete.decoder_overrides  # everything else is the preset's
     assert resolve_preset("default", "continuous").decoder_steps is None  # the config's max_steps
+
+
+def test_report_names_how_images_were_sampled():
+    from pipelines.quickstart import _sampling_words
+
+    assert _sampling_words({"guidance_scale": 2.0, "temperature": 0.8}) == "CFG 2.0, temperature 0.8"
+    linear = {"guidance_scale": 3.0, "cfg_schedule": "linear", "temperature": 0.8}
+    assert _sampling_words(linear) == "CFG 3.0 (linear schedule), temperature 0.8"
+    head = {"guidance_scale": 4.0, "temperature": 1.2, "num_inference_steps": 4}
+    assert _sampling_words(head) == "CFG 4.0, temperature 1.2, 4 head steps"
