@@ -2,11 +2,16 @@
 
     python benchmarks/bench_diffusion_head.py --model runs/decoder_kl/final            # a trained folder
     python benchmarks/bench_diffusion_head.py --model DIR --steps 1 2 4 8 --n_per_category 100
+    python benchmarks/bench_diffusion_head.py --model DIR --guidance_scale 4 --temperature 1.2 \
+        --shortcut 1:2.0:1.0 2:2.0:1.2 4:4.0:1.2          # each few-step row at its own CFG / temperature
     python benchmarks/bench_diffusion_head.py --quick                                  # CI: random model
 
 For each setting the same prompts (the judge's shapes categories, ``--n_per_category`` each) are
 generated from the same seeds with ``MMGenerator.text_to_image(num_inference_steps=N,
-sampler=...)``. Measured in one process, settings alternating over ``--repeats`` rounds:
+sampler=...)``, the baseline at ``--guidance_scale`` / ``--temperature``, the shortcut rows at the same
+or, with ``--shortcut STEPS:CFG:TEMPERATURE``, each at its own (a full-size step extrapolates the guided
+velocity further, so few-step sampling may want a lower CFG). Measured in one process, settings
+alternating over ``--repeats`` rounds:
 
 * ``head_ms_per_token``: wall time inside the flow sampler (every head call of one image token,
   CFG rows included) per generated image token, median over rounds;
@@ -61,6 +66,17 @@ class HeadTimer:
         latent_generation.sample_flow = self._inner
 
 
+def parse_shortcut(text: str) -> dict[str, Any]:
+    """``"2:2.0:1.2"`` → ``{"steps": 2, "guidance_scale": 2.0, "temperature": 1.2}``."""
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise ValueError(f"{text!r} is not STEPS:CFG:TEMPERATURE")
+    steps, cfg, temperature = int(parts[0]), float(parts[1]), float(parts[2])
+    if steps < 1 or cfg < 0 or temperature <= 0:
+        raise ValueError(f"{text!r}: need STEPS >= 1, CFG >= 0 and TEMPERATURE > 0")
+    return {"steps": steps, "guidance_scale": cfg, "temperature": temperature}
+
+
 def tiny_random_model(folder: Path) -> Path:
     """An untrained continuous model (kl-8x8 tokenizer with unit stats, tiny decoder) for --quick."""
     from ar_model.config import vocab_layout
@@ -89,6 +105,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--model", default=None, help="a continuous-token MMGenerator folder or Hub repo id")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="shortcut step counts")
     p.add_argument(
+        "--shortcut",
+        nargs="+",
+        default=None,
+        metavar="STEPS:CFG:TEMPERATURE",
+        help="shortcut rows with their own guidance scale and noise temperature (replaces --steps)",
+    )
+    p.add_argument(
         "--sampler", default="euler", choices=["euler", "heun"], help="sampler of the few-step runs"
     )
     p.add_argument("--n_per_category", type=int, default=50)
@@ -96,12 +119,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--guidance_scale", type=float, default=1.5)
     p.add_argument("--temperature", type=float, default=1.0, help="scale of each token's initial noise")
     p.add_argument("--repeats", type=int, default=None, help="timing rounds (default 3, quick 1)")
+    p.add_argument("--seed", type=int, default=0, help="prompt and noise seed of the judged images")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="tiny random model, 2 prompts (seconds, for CI)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON result to this file")
     args = p.parse_args(argv)
     if args.model is None and not args.quick:
         p.error("give --model DIR (a trained continuous-token folder), or --quick")
+    try:
+        shortcut = [parse_shortcut(text) for text in args.shortcut] if args.shortcut else None
+    except ValueError as e:
+        p.error(f"--shortcut: {e}")
     if min(args.steps) < 1 or args.n_per_category < 1:
         p.error("--steps and --n_per_category must be ≥ 1")
     if args.threads:
@@ -114,9 +142,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not gen.is_continuous:
         p.error(f"{model} samples discrete codes; this benchmark needs a diffusion-head model")
     h, w = gen.image_tokenizer.token_grid(gen.resolution, gen.resolution)
-    settings = [BASELINE] + [
-        {"name": f"shortcut-{s}", "steps": s, "sampler": args.sampler} for s in args.steps
+    base = {"guidance_scale": args.guidance_scale, "temperature": args.temperature}
+    shortcut = shortcut or [{"steps": s, **base} for s in args.steps]
+    settings = [{**BASELINE, **base}] + [
+        {"name": f"shortcut-{r['steps']}", "sampler": args.sampler, **r} for r in shortcut
     ]
+    if args.shortcut:  # rows may share a step count: name them by their sampling too
+        for r in settings[1:]:
+            r["name"] += f"@{r['guidance_scale']:g}/{r['temperature']:g}"
+    if len({r["name"] for r in settings}) < len(settings):
+        p.error("each shortcut row must differ in steps, CFG or temperature")
     times: dict[str, dict[str, list[float]]] = {s["name"]: {"head": [], "total": []} for s in settings}
     scores: dict[str, dict[str, float]] = {}
     images = n * len(args.categories)
@@ -128,8 +163,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     gen,
                     n_per_category=n,
                     categories=args.categories,
-                    guidance_scale=args.guidance_scale,
-                    temperature=args.temperature,
+                    seed=args.seed,
+                    guidance_scale=s["guidance_scale"],
+                    temperature=s["temperature"],
                     num_inference_steps=s["steps"],
                     sampler=s["sampler"],
                 )
@@ -161,17 +197,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "guidance_scale": args.guidance_scale,
         "temperature": args.temperature,
         "n_per_category": n,
+        "seed": args.seed,
         "repeats": repeats,
         "tokens_per_image": h * w,
         "rows": rows,
     }
     cats = list(args.categories)
-    print(f"{'setting':<12}{'head ms/tok':>12}{'s/image':>9}{'head ×':>8}{'total ×':>8}  " + "  ".join(cats))
+    print(
+        f"{'setting':<22}{'CFG':>5}{'temp':>6}{'head ms/tok':>12}{'s/image':>9}{'head ×':>8}{'total ×':>8}  "
+        + "  ".join(cats)
+    )
     for r in rows:
         judged = "  ".join(f"{r['scores'][c]:>{len(c)}.0%}" for c in cats)
         print(
-            f"{r['name']:<12}{r['head_ms_per_token']:>12.3f}{r['s_per_image']:>9.3f}"
-            f"{r['head_speedup']:>8.1f}{r['speedup']:>8.1f}  {judged}"
+            f"{r['name']:<22}{r['guidance_scale']:>5g}{r['temperature']:>6g}{r['head_ms_per_token']:>12.3f}"
+            f"{r['s_per_image']:>9.3f}{r['head_speedup']:>8.1f}{r['speedup']:>8.1f}  {judged}"
         )
     emit_json(results, args.out)
     tmp.cleanup()

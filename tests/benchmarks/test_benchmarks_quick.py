@@ -1,6 +1,7 @@
 """The committed benchmark scripts run in --quick mode so they cannot rot. Their timings are not
 asserted (timings belong in the README, measured as ratios); their JSON output and checks are."""
 
+import importlib
 import json
 import math
 import os
@@ -75,13 +76,26 @@ def test_bench_packing_quick(tmp_path):
     assert packed["useful_tokens_per_s"] > 0 and padded["useful_tokens_per_s"] > 0
 
 
-def test_bench_diffusion_head_quick(tmp_path):
+def test_bench_diffusion_head_quick(tmp_path, monkeypatch):
     out = tmp_path / "head.json"
     rows = _run("bench_diffusion_head.py", "--out", str(out), "--threads", "1")
     assert len(rows) == 1 and json.loads(out.read_text()) == rows[0]
     names = [r["name"] for r in rows[0]["rows"]]
     assert names == ["euler-50", "shortcut-1", "shortcut-2", "shortcut-4"]
     assert rows[0]["tokens_per_image"] == 64 and all(r["head_ms_per_token"] > 0 for r in rows[0]["rows"])
+    # few-step rows at their own CFG / temperature; the baseline keeps --guidance_scale / --temperature
+    own = _run(
+        "bench_diffusion_head.py", "--threads", "1", "--guidance_scale", "4", "--temperature", "1.2",
+        "--shortcut", "1:2:1", "1:3:1",
+    )[0]["rows"]  # fmt: skip
+    assert [(r["name"], r["steps"], r["guidance_scale"], r["temperature"]) for r in own] == [
+        ("euler-50", 50, 4.0, 1.2), ("shortcut-1@2/1", 1, 2.0, 1.0), ("shortcut-1@3/1", 1, 3.0, 1.0)
+    ]  # fmt: skip
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the script imports bench_common beside it
+    parse = importlib.import_module("bench_diffusion_head").parse_shortcut
+    for bad in ("1:2", "0:2:1", "1:-1:1", "1:2:0", "x:2:1"):
+        with pytest.raises(ValueError):
+            parse(bad)
 
 
 def test_bench_scaling_quick(tmp_path):
