@@ -17,6 +17,7 @@ and ``--num_inference_steps`` / ``--sampler`` choose the head's sampler (shortcu
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import time
 from typing import Any
@@ -72,8 +73,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     head = {k: v for k, v in head.items() if v is not None}
     if head and not gen.is_continuous:
         p.error("--num_inference_steps / --sampler apply to a diffusion-head model; this one samples codes")
-    if gen.is_continuous:
-        head = {"num_inference_steps": 4, "sampler": "euler", **head}
+    if gen.is_continuous:  # record the head's sampler in every row: the generator's defaults unless given
+        defaults = inspect.signature(MMGenerator.text_to_tokens).parameters
+        head = {k: defaults[k].default for k in ("num_inference_steps", "sampler")} | head
     rows = []
     for seed in args.seeds:
         for sampling in settings:
