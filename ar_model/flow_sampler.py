@@ -4,7 +4,10 @@ Integrates ``dx/dt = v_θ(x, t, d, c)`` from noise at ``t = 0`` to data at ``t =
 steps. With a shortcut-trained head (Frans et al. 2024, arXiv:2410.12557) the head is told the step
 size ``d = 1/steps``, which makes 1, 2 or 4 steps usable; longer schedules use ``d = 0`` (the flow).
 Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598) is applied to the velocity,
-``v = v_u + w·(v_c − v_u)``, with the cond and uncond rows in one batched head call. The head is kept
+``v = v_u + w·(v_c − v_u)``, with the cond and uncond rows in one batched head call, optionally only on
+the steps that start inside a guidance interval of flow time (Kynkäänniemi et al. 2024,
+arXiv:2404.07724, "Applying Guidance in a Limited Interval"; steps outside it run the cond rows alone,
+at half the head cost). The head is kept
 separate from this loop (as MAR's ``diffloss.py`` keeps training and sampling apart); the pipeline owns
 the loop over tokens and calls this once per token (or per group of tokens).
 """
@@ -39,6 +42,30 @@ def guidance_at(
     if schedule == "constant":
         return guidance_scale
     return 1 + (guidance_scale - 1) * progress
+
+
+def check_guidance_interval(interval: tuple[float, float] | None) -> tuple[float, float]:
+    """``interval`` as ``(lo, hi)`` with ``0 ≤ lo < hi ≤ 1``; None is ``(0, 1)`` (every step guided)."""
+    if interval is None:
+        return (0.0, 1.0)
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"guidance_interval must be a pair (lo, hi) of flow times, got {interval!r}"
+        ) from None
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(
+            f"guidance_interval needs 0 <= lo < hi <= 1 (flow time, 0 = noise), got {interval!r}"
+        )
+    return (lo, hi)
+
+
+def in_guidance_interval(t0: float, interval: tuple[float, float]) -> bool:
+    """Whether a step that starts at flow time ``t0`` is guided: ``lo ≤ t0 < hi`` (steps start before
+    ``t = 1``, so ``(0, 1)`` guides every step)."""
+    lo, hi = interval
+    return lo <= t0 < hi
 
 
 def guided_velocity(
@@ -84,6 +111,7 @@ def sample_flow(
     shortcut: bool = True,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Samples ``(N, D)`` in fp32, one per condition row ``cond (N, C)``.
 
@@ -98,6 +126,8 @@ def sample_flow(
         shortcut: condition on ``d = 1/steps`` (:func:`shortcut_step_size`); False always uses ``d = 0``.
         noise: the initial noise ``(N, D)`` instead of drawing it (temperature still applies).
         generator: source of the initial noise, for reproducible samples.
+        guidance_interval: ``(lo, hi)`` in flow time: only steps starting at ``lo ≤ t0 < hi`` are
+            guided, the others use the cond velocity alone (None or ``(0, 1)``: every step).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -107,6 +137,7 @@ def sample_flow(
         raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
     if cond.dim() != 2:
         raise ValueError(f"cond must be (N, C), got {tuple(cond.shape)}")
+    interval = check_guidance_interval(guidance_interval)
     guided = isinstance(guidance_scale, torch.Tensor) or guidance_scale != 1.0
     if guided and uncond is None:
         raise ValueError("guidance_scale != 1 needs uncond (the unconditional condition)")
@@ -121,10 +152,11 @@ def sample_flow(
     for i in range(steps):
         t0, t1 = i * h, (i + 1) * h
         w = guidance_at(guidance_scale, (t0 + t1) / 2, cfg_schedule)
-        v = guided_velocity(head, x, t0, d, cond, uncond, w)  # (N, D)
+        step_uncond = uncond if in_guidance_interval(t0, interval) else None  # None: cond rows only
+        v = guided_velocity(head, x, t0, d, cond, step_uncond, w)  # (N, D)
         if method == "euler":
             x = x + h * v
         else:
-            v_next = guided_velocity(head, x + h * v, t1, d, cond, uncond, w)  # (N, D)
+            v_next = guided_velocity(head, x + h * v, t1, d, cond, step_uncond, w)  # (N, D)
             x = x + h * (v + v_next) / 2
     return x

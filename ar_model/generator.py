@@ -391,6 +391,7 @@ class MMGenerator(PreTrainedModel):
         top_p: float | None = None,
         num_inference_steps: int = 4,
         sampler: str = "euler",
+        guidance_interval: tuple[float, float] | None = None,
         seed: int | torch.Generator | None = 0,
         batch_size: int = 64,
         progress: bool = False,
@@ -400,8 +401,9 @@ class MMGenerator(PreTrainedModel):
         latents ``(M, h, w, D)`` of a diffusion-head model. The empty caption is the unconditional
         branch of classifier-free guidance.
 
-        ``top_k``/``top_p`` apply to discrete codes; ``num_inference_steps`` and ``sampler``
-        ("euler" | "heun") to the diffusion head (1, 2 or 4 shortcut steps).
+        ``top_k``/``top_p`` apply to discrete codes; ``num_inference_steps``, ``sampler``
+        ("euler" | "heun") and ``guidance_interval`` (``(lo, hi)`` in flow time: guide only the head's
+        steps that start inside it) to the diffusion head (1, 2 or 4 shortcut steps).
         """
         prompts = check_prompts(prompts)
         k = num_images_per_prompt
@@ -411,6 +413,11 @@ class MMGenerator(PreTrainedModel):
             raise ValueError(f"guidance_scale must be ≥ 0 (1 = no guidance), got {guidance_scale}")
         if not temperature >= 0:
             raise ValueError(f"temperature must be ≥ 0 (0 = greedy), got {temperature}")
+        if guidance_interval is not None and not self.is_continuous:
+            raise ValueError(
+                "guidance_interval applies to the diffusion head's flow steps; "
+                "this model samples discrete codes"
+            )
         h, w = self._grid(height, width)
         gens = self.image_generators(prompts, k, seed)
         max_prompt = self.config.max_position - 3 - h * w  # <boi> <h> <w> and the image follow
@@ -431,6 +438,7 @@ class MMGenerator(PreTrainedModel):
                     w,
                     num_inference_steps=num_inference_steps,
                     method=sampler,
+                    guidance_interval=guidance_interval,
                     generator=gens[part],
                     progress=progress,
                     **common,

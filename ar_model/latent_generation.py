@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ar_model.flow_sampler import sample_flow
+from ar_model.flow_sampler import check_guidance_interval, sample_flow
 from ar_model.generation import (
     CFG_SCHEDULES,
     Generators,
@@ -63,6 +63,7 @@ def generate_image_latents(
     use_cache: bool = True,
     progress: bool = False,
     num_iter: int | None = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Sample an ``h × w`` grid of (normalized) latents after each prompt: ``(b, h, w, D)`` fp32.
 
@@ -74,12 +75,15 @@ def generate_image_latents(
     ``<boi> <h> <w>`` is appended). ``temperature`` scales each token's initial noise;
     ``generator`` is one ``torch.Generator`` or one per prompt (then a prompt's latents do not depend
     on the rows batched with it). ``guidance_scale == 1`` runs no uncond rows (exactly unguided).
+    ``guidance_interval=(lo, hi)`` guides only the head's flow steps that start at ``lo ≤ t < hi``
+    (:func:`~ar_model.flow_sampler.sample_flow`); the trunk still runs the uncond rows.
     """
     cfg = model.config
     if cfg.latent_dim <= 0 or getattr(model, "diffusion_head", None) is None:
         raise ValueError("this decoder has no diffusion head (latent_dim = 0): use generate_image_codes")
     if cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+    interval = check_guidance_interval(guidance_interval)
     steps = num_inference_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"num_inference_steps must be an integer ≥ 1, got {steps!r}")
@@ -108,6 +112,7 @@ def generate_image_latents(
             model, batch_ids, batch_pos, mask, image_pos, b, num_iter=iters, num_inference_steps=steps,
             method=method, guidance_scale=guidance_scale, cfg_schedule=cfg_schedule,
             temperature=temperature, generator=generator, use_cache=use_cache, progress=progress,
+            guidance_interval=interval,
         )  # fmt: skip
         return latents.view(b, h, w, dim)  # (b, h*w, D) -> (b, h, w, D), raster order
     if num_iter is not None:
@@ -131,6 +136,7 @@ def generate_image_latents(
             guidance_scale=scale,
             uncond=hidden[b:].float() if guided else None,
             noise=noise,
+            guidance_interval=interval,
         )  # (b, D) fp32
         latents[:, t] = x
         if t + 1 == hw:

@@ -78,6 +78,7 @@ def unmask_image_latents(
     generator: Generators,
     use_cache: bool = True,
     progress: bool = False,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Latents ``(b, h·w, D)`` (normalized) for left-padded prompts ending in ``<boi> <h> <w>``.
 
@@ -155,6 +156,7 @@ def unmask_image_latents(
             guidance_scale=scale,
             uncond=uncond,
             noise=noise[:, revealed : revealed + count].reshape(b * count, dim),  # (b, m, D) -> (b*m, D)
+            guidance_interval=guidance_interval,
         )  # (b*m, D) fp32
         latents.scatter_(1, pick[..., None].expand(-1, -1, dim), x.view(b, count, dim))  # (b, hw, D)
         known.scatter_(1, pick, True)

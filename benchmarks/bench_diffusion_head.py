@@ -4,13 +4,16 @@
     python benchmarks/bench_diffusion_head.py --model DIR --steps 1 2 4 8 --n_per_category 100
     python benchmarks/bench_diffusion_head.py --model DIR --guidance_scale 4 --temperature 1.2 \
         --shortcut 1:2.0:1.0 2:2.0:1.2 4:4.0:1.2          # each few-step row at its own CFG / temperature
+    python benchmarks/bench_diffusion_head.py --model DIR --guidance_scale 4 --temperature 1.2 \
+        --shortcut 2:4.0:1.2:0.5-1           # ... guiding only the flow steps that start in [0.5, 1)
     python benchmarks/bench_diffusion_head.py --quick                                  # CI: random model
 
 For each setting the same prompts (the judge's shapes categories, ``--n_per_category`` each) are
 generated from the same seeds with ``MMGenerator.text_to_image(num_inference_steps=N,
 sampler=...)``, the baseline at ``--guidance_scale`` / ``--temperature``, the shortcut rows at the same
-or, with ``--shortcut STEPS:CFG:TEMPERATURE``, each at its own (a full-size step extrapolates the guided
-velocity further, so few-step sampling may want a lower CFG). Measured in one process, settings
+or, with ``--shortcut STEPS:CFG:TEMPERATURE[:LO-HI]``, each at its own (a full-size step extrapolates the
+guided velocity further, so few-step sampling may want a lower CFG), optionally guiding only the flow
+steps that start in ``[LO, HI)`` (``guidance_interval``). Measured in one process, settings
 alternating over ``--repeats`` rounds:
 
 * ``head_ms_per_token``: wall time inside the flow sampler (every head call of one image token,
@@ -37,6 +40,7 @@ from bench_common import emit_json
 
 import ar_model.latent_generation as latent_generation
 from ar_model.evaluate import EVAL_CATEGORIES, evaluate_text_to_image
+from ar_model.flow_sampler import check_guidance_interval
 from ar_model.generator import MMGenerator
 
 BASELINE = {"name": "euler-50", "steps": 50, "sampler": "euler"}
@@ -67,14 +71,21 @@ class HeadTimer:
 
 
 def parse_shortcut(text: str) -> dict[str, Any]:
-    """``"2:2.0:1.2"`` → ``{"steps": 2, "guidance_scale": 2.0, "temperature": 1.2}``."""
+    """``"2:2.0:1.2"`` → ``{"steps": 2, "guidance_scale": 2.0, "temperature": 1.2}``; a fourth field
+    ``LO-HI`` adds ``"guidance_interval": (LO, HI)``."""
     parts = text.split(":")
-    if len(parts) != 3:
-        raise ValueError(f"{text!r} is not STEPS:CFG:TEMPERATURE")
+    if len(parts) not in (3, 4):
+        raise ValueError(f"{text!r} is not STEPS:CFG:TEMPERATURE[:LO-HI]")
     steps, cfg, temperature = int(parts[0]), float(parts[1]), float(parts[2])
     if steps < 1 or cfg < 0 or temperature <= 0:
         raise ValueError(f"{text!r}: need STEPS >= 1, CFG >= 0 and TEMPERATURE > 0")
-    return {"steps": steps, "guidance_scale": cfg, "temperature": temperature}
+    row = {"steps": steps, "guidance_scale": cfg, "temperature": temperature}
+    if len(parts) == 4:
+        bounds = parts[3].split("-")
+        if len(bounds) != 2:
+            raise ValueError(f"{text!r}: the guidance interval is LO-HI, e.g. 0.5-1")
+        row["guidance_interval"] = check_guidance_interval((float(bounds[0]), float(bounds[1])))
+    return row
 
 
 def tiny_random_model(folder: Path) -> Path:
@@ -108,8 +119,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--shortcut",
         nargs="+",
         default=None,
-        metavar="STEPS:CFG:TEMPERATURE",
-        help="shortcut rows with their own guidance scale and noise temperature (replaces --steps)",
+        metavar="STEPS:CFG:TEMPERATURE[:LO-HI]",
+        help="shortcut rows with their own guidance scale, noise temperature and optional guidance "
+        "interval in flow time (replaces --steps)",
     )
     p.add_argument(
         "--sampler", default="euler", choices=["euler", "heun"], help="sampler of the few-step runs"
@@ -150,8 +162,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.shortcut:  # rows may share a step count: name them by their sampling too
         for r in settings[1:]:
             r["name"] += f"@{r['guidance_scale']:g}/{r['temperature']:g}"
+            if "guidance_interval" in r:
+                r["name"] += "/{:g}-{:g}".format(*r["guidance_interval"])
     if len({r["name"] for r in settings}) < len(settings):
-        p.error("each shortcut row must differ in steps, CFG or temperature")
+        p.error("each shortcut row must differ in steps, CFG, temperature or guidance interval")
     times: dict[str, dict[str, list[float]]] = {s["name"]: {"head": [], "total": []} for s in settings}
     scores: dict[str, dict[str, float]] = {}
     images = n * len(args.categories)
@@ -168,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     temperature=s["temperature"],
                     num_inference_steps=s["steps"],
                     sampler=s["sampler"],
+                    guidance_interval=s.get("guidance_interval"),
                 )
                 total = time.perf_counter() - t0
             times[s["name"]]["head"].append(timer.seconds / (images * h * w) * 1e3)
@@ -204,13 +219,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     cats = list(args.categories)
     print(
-        f"{'setting':<22}{'CFG':>5}{'temp':>6}{'head ms/tok':>12}{'s/image':>9}{'head ×':>8}{'total ×':>8}  "
+        f"{'setting':<26}{'CFG':>5}{'temp':>6}{'head ms/tok':>12}{'s/image':>9}{'head ×':>8}{'total ×':>8}  "
         + "  ".join(cats)
     )
     for r in rows:
         judged = "  ".join(f"{r['scores'][c]:>{len(c)}.0%}" for c in cats)
         print(
-            f"{r['name']:<22}{r['guidance_scale']:>5g}{r['temperature']:>6g}{r['head_ms_per_token']:>12.3f}"
+            f"{r['name']:<26}{r['guidance_scale']:>5g}{r['temperature']:>6g}{r['head_ms_per_token']:>12.3f}"
             f"{r['s_per_image']:>9.3f}{r['head_speedup']:>8.1f}{r['speedup']:>8.1f}  {judged}"
         )
     emit_json(results, args.out)

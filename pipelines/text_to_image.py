@@ -30,6 +30,7 @@ _CALL_KEYS = (
     "top_p",
     "num_inference_steps",
     "sampler",
+    "guidance_interval",
     "height",
     "width",
     "generator",
@@ -56,7 +57,9 @@ class TextToImagePipeline(MMPipeline):
     * ``batch_size`` (16) rows per forward pass; ``progress_bar`` (True) shows a tqdm bar per batch;
     * ``num_inference_steps`` (4) and ``sampler`` ("euler" | "heun"): the diffusion head's steps, for
       models with continuous image tokens; ``num_inference_steps`` is ignored, with a warning, by discrete
-      ones (``top_k``/``top_p`` apply to discrete codes only).
+      ones (``top_k``/``top_p`` apply to discrete codes only);
+    * ``guidance_interval`` (None): ``(lo, hi)`` in the head's flow time (0 = noise): guide only the flow
+      steps that start inside it (diffusion-head models; an error for discrete ones).
 
     Returns ``[{"image": PIL.Image}, ...]`` (``num_images_per_prompt`` dicts) for one prompt and a
     list of such lists for a list of prompts.

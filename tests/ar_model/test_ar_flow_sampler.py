@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ar_model.diffusion_head import DiffusionHead
-from ar_model.flow_sampler import guidance_at, sample_flow, shortcut_step_size
+from ar_model.flow_sampler import check_guidance_interval, guidance_at, sample_flow, shortcut_step_size
 
 
 class CountingHead(DiffusionHead):
@@ -78,6 +78,32 @@ def test_linear_cfg_schedule() -> None:
     linear = sample_flow(head, cond, 1, guidance_scale=3.0, uncond=uncond, cfg_schedule="linear", noise=noise)
     at_mid = sample_flow(head, cond, 1, guidance_scale=2.0, uncond=uncond, noise=noise)  # 1 + 2·0.5
     torch.testing.assert_close(linear, at_mid)
+
+
+def test_guidance_interval_guides_only_the_steps_that_start_inside_it() -> None:
+    head, cond, uncond = random_head(), torch.randn(4, 6), torch.randn(1, 6)
+    noise = torch.randn(4, 3)
+    kw = dict(guidance_scale=3.0, uncond=uncond, noise=noise)
+    everywhere = sample_flow(head, cond, 2, **kw)
+    for full in (None, (0.0, 1.0)):
+        assert torch.equal(sample_flow(head, cond, 2, guidance_interval=full, **kw), everywhere)
+    # 2 steps start at t = 0 and 0.5: (0.5, 1) guides the second only, with cond rows alone in the first
+    head.calls.clear()
+    late = sample_flow(head, cond, 2, guidance_interval=(0.5, 1.0), **kw)
+    assert head.calls == [4, 8]
+    x = noise + 0.5 * head(noise, 0.0, 0.5, cond)
+    v_c, v_u = head(x, 0.5, 0.5, cond), head(x, 0.5, 0.5, uncond.expand(4, 6))
+    torch.testing.assert_close(late, x + 0.5 * (v_u + 3.0 * (v_c - v_u)))
+    # an interval no step starts in is exactly the unguided sampler; one with every start is full guidance
+    unguided = sample_flow(head, cond, 2, noise=noise)
+    assert torch.equal(sample_flow(head, cond, 2, guidance_interval=(0.1, 0.4), **kw), unguided)
+    assert torch.equal(sample_flow(head, cond, 2, guidance_interval=(0.0, 0.6), **kw), everywhere)
+    heun = sample_flow(head, cond, 2, method="heun", guidance_interval=(0.5, 1.0), **kw)
+    assert not torch.equal(heun, sample_flow(head, cond, 2, method="heun", **kw))
+    assert check_guidance_interval(None) == (0.0, 1.0) and check_guidance_interval([0.25, 1]) == (0.25, 1.0)
+    for bad in ((0.5, 0.5), (0.6, 0.4), (-0.1, 1.0), (0.0, 1.5), (0.5,), "0.5", (float("nan"), 1.0)):
+        with pytest.raises(ValueError, match="guidance_interval"):
+            sample_flow(head, cond, 2, guidance_interval=bad, **kw)
 
 
 def test_temperature_scales_the_initial_noise_and_steps_set_d() -> None:

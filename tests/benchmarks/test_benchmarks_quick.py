@@ -86,14 +86,18 @@ def test_bench_diffusion_head_quick(tmp_path, monkeypatch):
     # few-step rows at their own CFG / temperature; the baseline keeps --guidance_scale / --temperature
     own = _run(
         "bench_diffusion_head.py", "--threads", "1", "--guidance_scale", "4", "--temperature", "1.2",
-        "--shortcut", "1:2:1", "1:3:1",
+        "--shortcut", "1:2:1", "1:3:1", "2:3:1:0.5-1",
     )[0]["rows"]  # fmt: skip
     assert [(r["name"], r["steps"], r["guidance_scale"], r["temperature"]) for r in own] == [
-        ("euler-50", 50, 4.0, 1.2), ("shortcut-1@2/1", 1, 2.0, 1.0), ("shortcut-1@3/1", 1, 3.0, 1.0)
+        ("euler-50", 50, 4.0, 1.2), ("shortcut-1@2/1", 1, 2.0, 1.0), ("shortcut-1@3/1", 1, 3.0, 1.0),
+        ("shortcut-2@3/1/0.5-1", 2, 3.0, 1.0),
     ]  # fmt: skip
+    assert own[-1]["guidance_interval"] == [0.5, 1.0] and "guidance_interval" not in own[1]
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the script imports bench_common beside it
     parse = importlib.import_module("bench_diffusion_head").parse_shortcut
-    for bad in ("1:2", "0:2:1", "1:-1:1", "1:2:0", "x:2:1"):
+    assert parse("2:3:1.2:0.5-1") == {"steps": 2, "guidance_scale": 3.0, "temperature": 1.2,
+                                      "guidance_interval": (0.5, 1.0)}  # fmt: skip
+    for bad in ("1:2", "0:2:1", "1:-1:1", "1:2:0", "x:2:1", "2:3:1:0.5", "2:3:1:0.6-0.2", "1:2:1:0-1:x"):
         with pytest.raises(ValueError):
             parse(bad)
 

@@ -166,3 +166,28 @@ def test_a_discrete_tokenizer_with_a_continuous_decoder_is_refused(gen, make_tok
     discrete = ImageTokenizer.from_pretrained(make_tokenizer(tmp_path / "fsq"))
     with pytest.raises(ComponentMismatchError, match="latent dimension mismatch"):
         MMGenerator(gen.decoder, gen.text_tokenizer, discrete)
+
+
+def test_guidance_interval_reaches_the_head_and_outside_it_is_unguided(gen, continuous_dir):
+    kw = dict(num_inference_steps=2, seed=4, guidance_scale=3.0)
+    full = gen.text_to_tokens("a red circle", **kw)
+    assert torch.equal(gen.text_to_tokens("a red circle", guidance_interval=(0.0, 1.0), **kw), full)
+    late = gen.text_to_tokens("a red circle", guidance_interval=(0.5, 1.0), **kw)
+    assert not torch.equal(late, full)
+    # no head step starts in (0.1, 0.4): the uncond rows still run through the trunk (float rounding of
+    # the larger batch only), the head is never guided
+    none = gen.text_to_tokens("a red circle", guidance_interval=(0.1, 0.4), **kw)
+    plain = gen.text_to_tokens("a red circle", num_inference_steps=2, seed=4, guidance_scale=1.0)
+    torch.testing.assert_close(none, plain, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        gen.text_to_tokens("a red circle", guidance_interval=(0.6, 0.2), **kw)
+    t2i = pipeline("text-to-image", model=str(continuous_dir))
+    out = t2i(
+        "a red circle",
+        guidance_interval=(0.5, 1.0),
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        generator=4,
+        progress_bar=False,
+    )
+    assert np.array_equal(np.asarray(out[0]["image"]), gen.decode_tokens(late)[0].permute(1, 2, 0).numpy())

@@ -95,6 +95,7 @@ def test_other_sizes_on_the_token_grid_are_generated(t2i):
         ({"temperature": -0.5}, ValueError, "temperature must be ≥ 0"),
         ({"generator": "seed"}, TypeError, "generator must be a torch.Generator or an int"),
         ({"steps": 4}, TypeError, "unexpected arguments ['steps']"),
+        ({"guidance_interval": (0.5, 1.0)}, ValueError, "this model samples discrete codes"),
     ],
 )
 def test_bad_arguments_get_a_clear_error(t2i, kwargs, error, message):
