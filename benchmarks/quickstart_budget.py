@@ -11,7 +11,8 @@ steps (from the job's ``[k/6]`` lines), the total, and three peaks of the tree's
 (counts pages shared between processes, such as the torch libraries, once per process, so it overstates
 what the machine needs), summed PSS (proportional set size: each shared page split among the processes
 sharing it, so the sum is the tree's real footprint; Linux only, else omitted) and the largest RSS of
-a single process. Prints a table and one JSON line
+a single process; also each step's own peak (summed PSS) and the tree's processes at the run's peak
+(so a peak can be traced to the decoder ranks or to the job's own process). Prints a table and one JSON line
 ``{"bench": "quickstart_budget", ...}``; the job's own output goes to ``DIR.log``.
 """
 
@@ -32,22 +33,41 @@ from bench_common import emit_json
 STEP = re.compile(r"^\[(\d)/6\] (.*)")
 
 
-def tree_memory(proc: psutil.Process) -> tuple[int, int, int | None]:
-    """(summed RSS, summed PSS or None, largest RSS) in bytes over ``proc`` and its descendants
-    (processes that vanish while being read are skipped)."""
-    total = largest = pss = 0
-    has_pss = True
+def _gib(n: int) -> float:
+    return round(n / 2**30, 2)
+
+
+def _label(p: psutil.Process) -> str:
+    """A process's executable and first two arguments (e.g. ``python -m ar_model.train``)."""
+    try:
+        cmd = p.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return "?"
+    return " ".join([Path(cmd[0]).name, *cmd[1:3]])[:60] if cmd else p.name()
+
+
+def tree_processes(proc: psutil.Process) -> list[tuple[str, int, int | None]]:
+    """``(label, RSS, PSS or None)`` in bytes for ``proc`` and each of its descendants (processes that vanish
+    while being read are skipped)."""
+    rows = []
     for p in [proc, *proc.children(recursive=True)]:
         try:
             mem = p.memory_full_info()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        total, largest = total + mem.rss, max(largest, mem.rss)
-        if hasattr(mem, "pss"):
-            pss += mem.pss
-        else:
-            has_pss = False
-    return total, (pss if has_pss else None), largest
+        rows.append((_label(p), mem.rss, getattr(mem, "pss", None)))
+    return rows
+
+
+def tree_memory(proc: psutil.Process) -> tuple[int, int | None, int]:
+    """(summed RSS, summed PSS or None, largest RSS) in bytes over ``proc`` and its descendants."""
+    return tree_memory_of(tree_processes(proc))
+
+
+def tree_memory_of(rows: list[tuple[str, int, int | None]]) -> tuple[int, int | None, int]:
+    """(summed RSS, summed PSS or None, largest RSS) of :func:`tree_processes` rows."""
+    pss = None if any(r[2] is None for r in rows) else sum(r[2] for r in rows)
+    return sum(r[1] for r in rows), pss, max((r[1] for r in rows), default=0)
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -64,6 +84,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     log_path = Path(f"{args.out}.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     peak = {"sum": 0, "pss": 0, "max": 0}
+    step_peak: dict[int, int] = {}  # step index (0 = step 1) -> its peak of summed PSS (RSS without PSS)
+    at_peak: list[tuple[str, int, int | None]] = []  # the tree's processes when summed memory peaked
     marks: list[tuple[str, float]] = []  # (step title, seconds since start)
     start = time.perf_counter()
     with open(log_path, "w", buffering=1) as log:  # line-buffered: the child's stderr shares the file
@@ -74,7 +96,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
         def sample() -> None:
             while not stop.is_set():
-                total, pss, largest = tree_memory(proc)
+                rows = tree_processes(proc)
+                total, pss, largest = tree_memory_of(rows)
+                step = max(len(marks) - 1, 0)
+                footprint = total if pss is None else pss
+                if footprint > max(step_peak.values(), default=0):
+                    at_peak[:] = rows
+                step_peak[step] = max(step_peak.get(step, 0), footprint)
                 peak["sum"], peak["max"] = max(peak["sum"], total), max(peak["max"], largest)
                 peak["pss"] = None if pss is None or peak["pss"] is None else max(peak["pss"], pss)
                 stop.wait(args.interval)
@@ -93,7 +121,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         raise SystemExit(f"the main job failed (exit {returncode}); see {log_path}")
     starts = [0.0] + [t for _, t in marks[1:]]  # step 1 includes the job's start-up (imports)
     ends = starts[1:] + [wall]
-    steps = [{"step": name, "seconds": round(e - b, 1)} for (name, _), b, e in zip(marks, starts, ends)]
+    steps = [
+        {"step": name, "seconds": round(e - b, 1), "peak_gib": round(step_peak.get(i, 0) / 2**30, 2)}
+        for i, ((name, _), b, e) in enumerate(zip(marks, starts, ends))
+    ]
     results: dict[str, object] = {
         "bench": "quickstart_budget",
         "preset": args.preset,
@@ -104,9 +135,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "peak_pss_sum_gib": None if peak["pss"] is None else round(peak["pss"] / 2**30, 2),
         "peak_rss_max_process_gib": round(peak["max"] / 2**30, 2),
         "steps": steps,
+        "processes_at_peak": [
+            {
+                "process": label,
+                "rss_gib": round(rss / 2**30, 2),
+                "pss_gib": None if p is None else round(p / 2**30, 2),
+            }
+            for label, rss, p in sorted(at_peak, key=lambda r: -(r[2] if r[2] is not None else r[1]))
+        ],
     }
     for s in steps:
-        print(f"{s['step']:<40}{s['seconds']:>9.1f} s")
+        print(f"{s['step']:<40}{s['seconds']:>9.1f} s   peak {s['peak_gib']:.2f} GiB")
     print(f"{'total':<40}{wall:>9.1f} s")
     print(f"peak memory: RSS {results['peak_rss_sum_gib']} GiB summed over processes, PSS "
           f"{results['peak_pss_sum_gib']} GiB summed, RSS {results['peak_rss_max_process_gib']} GiB in the "

@@ -173,6 +173,11 @@ def test_quickstart_budget_smoke(tmp_path):
     assert abs(sum(s["seconds"] for s in r["steps"]) - r["wall_s"]) < 0.5  # the steps tile the run
     assert 0.1 < r["peak_rss_max_process_gib"] <= r["peak_rss_sum_gib"] < 24  # torch alone is > 100 MB
     assert 0 < r["peak_pss_sum_gib"] <= r["peak_rss_sum_gib"]  # Linux: shared pages counted once
+    # each step's own peak; the largest is the run's peak, and the processes then add up to it
+    assert max(s["peak_gib"] for s in r["steps"]) == r["peak_pss_sum_gib"]
+    at_peak = r["processes_at_peak"]
+    assert any("pipelines.quickstart" in p["process"] for p in at_peak)
+    assert abs(sum(p["pss_gib"] for p in at_peak) - r["peak_pss_sum_gib"]) < 0.01 * len(at_peak) + 0.01
     assert (tmp_path / "qs" / "report" / "report.md").is_file() and (tmp_path / "qs.log").is_file()
 
 
