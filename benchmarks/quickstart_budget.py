@@ -38,12 +38,15 @@ def _gib(n: int) -> float:
 
 
 def _label(p: psutil.Process) -> str:
-    """A process's executable and first two arguments (e.g. ``python -m ar_model.train``)."""
+    """A process's executable and module (``python -m ar_model.train``), else its first two arguments."""
     try:
         cmd = p.cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return "?"
-    return " ".join([Path(cmd[0]).name, *cmd[1:3]])[:60] if cmd else p.name()
+    if not cmd:
+        return p.name()
+    args = cmd[cmd.index("-m") : cmd.index("-m") + 2] if "-m" in cmd[:-1] else cmd[1:3]
+    return " ".join([Path(cmd[0]).name, *args])[:60]
 
 
 def tree_processes(proc: psutil.Process) -> list[tuple[str, int, int | None]]:
