@@ -7,7 +7,7 @@ Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598) is applied to th
 ``v = v_u + w·(v_c − v_u)``, with the cond and uncond rows in one batched head call, optionally only on
 the steps that start inside a guidance interval of flow time (Kynkäänniemi et al. 2024,
 arXiv:2404.07724, "Applying Guidance in a Limited Interval"; steps outside it run the cond rows alone,
-at half the head cost). The head is kept
+a smaller head call). The head is kept
 separate from this loop (as MAR's ``diffloss.py`` keeps training and sampling apart); the pipeline owns
 the loop over tokens and calls this once per token (or per group of tokens).
 """

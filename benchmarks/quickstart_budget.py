@@ -62,11 +62,6 @@ def tree_processes(proc: psutil.Process) -> list[tuple[str, int, int | None]]:
     return rows
 
 
-def tree_memory(proc: psutil.Process) -> tuple[int, int | None, int]:
-    """(summed RSS, summed PSS or None, largest RSS) in bytes over ``proc`` and its descendants."""
-    return tree_memory_of(tree_processes(proc))
-
-
 def tree_memory_of(rows: list[tuple[str, int, int | None]]) -> tuple[int, int | None, int]:
     """(summed RSS, summed PSS or None, largest RSS) of :func:`tree_processes` rows."""
     pss = None if any(r[2] is None for r in rows) else sum(r[2] for r in rows)
