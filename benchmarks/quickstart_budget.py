@@ -34,6 +34,7 @@ STEP = re.compile(r"^\[(\d)/6\] (.*)")
 
 
 def _gib(n: int) -> float:
+    """Bytes as GiB, to two decimals."""
     return round(n / 2**30, 2)
 
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     starts = [0.0] + [t for _, t in marks[1:]]  # step 1 includes the job's start-up (imports)
     ends = starts[1:] + [wall]
     steps = [
-        {"step": name, "seconds": round(e - b, 1), "peak_gib": round(step_peak.get(i, 0) / 2**30, 2)}
+        {"step": name, "seconds": round(e - b, 1), "peak_gib": _gib(step_peak.get(i, 0))}
         for i, ((name, _), b, e) in enumerate(zip(marks, starts, ends))
     ]
     results: dict[str, object] = {
@@ -129,15 +130,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "variant": args.variant,
         "cpu_count": os.cpu_count(),
         "wall_s": round(wall, 1),
-        "peak_rss_sum_gib": round(peak["sum"] / 2**30, 2),
-        "peak_pss_sum_gib": None if peak["pss"] is None else round(peak["pss"] / 2**30, 2),
-        "peak_rss_max_process_gib": round(peak["max"] / 2**30, 2),
+        "peak_rss_sum_gib": _gib(peak["sum"]),
+        "peak_pss_sum_gib": None if peak["pss"] is None else _gib(peak["pss"]),
+        "peak_rss_max_process_gib": _gib(peak["max"]),
         "steps": steps,
         "processes_at_peak": [
             {
                 "process": label,
-                "rss_gib": round(rss / 2**30, 2),
-                "pss_gib": None if p is None else round(p / 2**30, 2),
+                "rss_gib": _gib(rss),
+                "pss_gib": None if p is None else _gib(p),
             }
             for label, rss, p in sorted(at_peak, key=lambda r: -(r[2] if r[2] is not None else r[1]))
         ],
