@@ -82,6 +82,13 @@ class MMDecoderConfig(PretrainedConfig):
             the tokens of one image block (a run of :attr:`latent_token_id` in a document) also see each
             other, and the head predicts the latents of the image positions whose input is masked (the
             placeholder: ``latent_mask`` false) from their own hidden states (MAR, Li et al. 2024).
+        code_group: ``g``; with ``g > 1`` (discrete codes only) each image position holds the ``g × g``
+            block of codes of a tokenizer grid ``g`` times finer (:mod:`ar_model.code_groups`): the
+            input embeds their sum (``group_embed``), :class:`~ar_model.code_groups.CodeGroupHead`
+            predicts them one after the other, and ``input_ids`` hold the placeholder
+            :attr:`group_token_id` (``code_offset``) there. The LM head then covers the text ids and
+            that placeholder only (default ``vocab_size = code_offset + 1``).
+        code_group_width: hidden width of the code-group head's MLP; default ``2 * hidden_size``.
     """
 
     model_type = "mm_decoder"
@@ -124,6 +131,8 @@ class MMDecoderConfig(PretrainedConfig):
         diffusion_head: dict[str, Any] | DiffusionHeadConfig | None = None,
         flow_loss: dict[str, Any] | FlowLossConfig | None = None,
         image_attention: str = "causal",
+        code_group: int = 1,
+        code_group_width: int | None = None,
         **kwargs: Any,
     ):
         unknown = sorted(set(kwargs) - _BASE_CONFIG_KEYS)
@@ -177,10 +186,15 @@ class MMDecoderConfig(PretrainedConfig):
         self.code_offset = _positive_int(
             "code_offset", text_vocab_size if code_offset is None else code_offset, text_vocab_size
         )
+        self.code_group = _positive_int("code_group", code_group)
+        lm_codes = 1 if self.code_group > 1 else self.num_image_codes  # grouped: the placeholder only
         self.vocab_size = _positive_int(
             "vocab_size",
-            self.code_offset + self.num_image_codes if vocab_size is None else vocab_size,
-            self.code_offset + self.num_image_codes,
+            self.code_offset + lm_codes if vocab_size is None else vocab_size,
+            self.code_offset + lm_codes,
+        )
+        self.code_group_width = _positive_int(
+            "code_group_width", 2 * self.hidden_size if code_group_width is None else code_group_width
         )
         self.max_image_side = _positive_int("max_image_side", max_image_side)
         self.size_token_start = _positive_int("size_token_start", size_token_start, 0)
@@ -225,6 +239,8 @@ class MMDecoderConfig(PretrainedConfig):
         if image_attention == "bidirectional" and not self.latent_dim:
             raise ValueError("MMDecoderConfig: image_attention='bidirectional' needs latent_dim > 0")
         self.image_attention = image_attention
+        if self.code_group > 1 and self.latent_dim:
+            raise ValueError("MMDecoderConfig: code_group > 1 groups discrete codes; latent_dim must be 0")
         super().__init__(**kwargs)
 
     # transformers ties lm_head to the embedding when config.tie_word_embeddings is true.
@@ -262,6 +278,17 @@ class MMDecoderConfig(PretrainedConfig):
     def latent_token_id(self) -> int | None:
         """Placeholder id in ``input_ids`` at continuous-latent positions (image code 0); None if discrete."""
         return self.code_offset if self.latent_dim else None
+
+    @property
+    def codes_per_group(self) -> int:
+        """Image codes per image position: ``code_group ** 2`` (1 for ungrouped codes and latents)."""
+        return self.code_group**2
+
+    @property
+    def group_token_id(self) -> int | None:
+        """Placeholder id in ``input_ids`` at grouped-code positions (``code_offset``); None unless
+        ``code_group > 1``."""
+        return self.code_offset if self.code_group > 1 else None
 
     # ------------------------------------------------------------------ vocabulary helpers
     @property

@@ -46,16 +46,21 @@ class DocSpec:
 class CodesCorpus:
     """Image tokens with their captions, tokenized once (captions cut to fit ``max_len``).
 
-    ``codes`` is an integer tensor ``(N, h, w)`` of discrete codes, or a float tensor ``(N, h, w, D)`` of
+    ``codes`` is an integer tensor ``(N, h, w)`` of discrete codes, an integer tensor ``(N, h, w, G)`` of
+    grouped codes (:func:`ar_model.code_groups.group_codes`), or a float tensor ``(N, h, w, D)`` of
     continuous latents, already normalized with the tokenizer's stats (the decoder sees them as they are).
     """
 
     def __init__(self, codes: torch.Tensor, captions: list[str], tokenizer: TextTokenizer, max_len: int):
         continuous = codes.is_floating_point()
-        if codes.dim() != (4 if continuous else 3) or codes.dtype == torch.bool or codes.is_complex():
+        if (
+            codes.dim() not in ((4,) if continuous else (3, 4))
+            or codes.dtype == torch.bool
+            or codes.is_complex()
+        ):
             raise ValueError(
-                "codes must be an integer tensor (N, h, w) or a float tensor (N, h, w, D) of latents, got "
-                f"{tuple(codes.shape)} {codes.dtype}"
+                "codes must be an integer tensor (N, h, w) or (N, h, w, G) (grouped), or a float tensor "
+                f"(N, h, w, D) of latents, got {tuple(codes.shape)} {codes.dtype}"
             )
         if continuous and not bool(torch.isfinite(codes).all()):
             raise ValueError("continuous latents hold NaN or inf (are the tokenizer's latent_std all > 0?)")
@@ -93,14 +98,20 @@ class CodesCorpus:
         """Channels of a continuous token; 0 for discrete codes."""
         return int(self.codes.shape[3]) if self.codes.is_floating_point() else 0
 
+    @property
+    def grouped(self) -> bool:
+        """True for grouped codes ``(N, h, w, G)``."""
+        return self.codes.dim() == 4 and not self.codes.is_floating_point()
+
     def length(self, spec: DocSpec) -> int:
         h, w = self.grid
         return (0 if spec.drop_caption else len(self.caption_ids[spec.sample])) + h * w + DOC_OVERHEAD
 
     def document(self, spec: DocSpec, scheme: str, code_offset: int) -> dict[str, torch.Tensor]:
         """Per-token tensors of one document (``input_ids, positions, labels, modality``, for latents
-        ``latents, latent_mask``, then ``task``). Latents sit at the placeholder id ``code_offset`` (the
-        decoder's ``latent_token_id``)."""
+        ``latents, latent_mask``, for grouped codes ``code_groups``, then ``task``). Latents and grouped
+        codes sit at the placeholder id ``code_offset`` (the decoder's ``latent_token_id`` /
+        ``group_token_id``)."""
         caption = self.texts[spec.sample]
         codes = self.codes[spec.sample]
         if spec.task == T2I:
@@ -112,7 +123,7 @@ class CodesCorpus:
             self.tokenizer,
             scheme=scheme,
             code_offset=code_offset,
-            image_token_id=code_offset if self.latent_dim else None,
+            image_token_id=code_offset if self.latent_dim or self.grouped else None,
             drop_caption=spec.drop_caption,
         )
         doc = seq.as_document()

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ar_model.attention import AttentionPlan, KVCache, plan_attention
+from ar_model.code_groups import ungroup_codes
 from ar_model.positions import Segment, multimodal_positions
 from ar_model.rope import rope_tables
 
@@ -152,12 +153,15 @@ class _Stepper:
         use_cache: bool,
         latents: torch.Tensor | None = None,
         latent_mask: torch.Tensor | None = None,
+        code_groups: torch.Tensor | None = None,
     ):
         cfg = model.config
         self.model, self.decoder, self.use_cache = model, model.model, use_cache
         self.ids, self.positions = ids, positions  # (b, n), (b, n, 2)
         # Continuous tokens of the prompt (b, n, D) where latent_mask (b, n) is set; each step may add one.
         self.latents, self.latent_mask = latents, latent_mask
+        # Grouped codes of the prompt (b, n, G) at its placeholder ids; each step may add one group.
+        self.code_groups = code_groups
         b, n = ids.shape
         self.length = n  # tokens per row so far
         self.start, self.stop = vocab_range
@@ -211,16 +215,24 @@ class _Stepper:
             self.weights,
             latents=self.latents,
             latent_mask=self.latent_mask,
+            code_groups=self.code_groups,
         )
         return hidden[:, -1]
 
     def step_hidden(
-        self, token: torch.Tensor, position: torch.Tensor, latent: torch.Tensor | None = None
+        self,
+        token: torch.Tensor,
+        position: torch.Tensor,
+        latent: torch.Tensor | None = None,
+        code_group: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Append ``token (b,)`` (with its continuous ``latent (b, D)`` if given) at ``position (b, 2)``;
-        returns the new last hidden state ``(b, c)``."""
+        """Append ``token (b,)`` (with its continuous ``latent (b, D)`` or its grouped codes ``code_group
+        (b, G)`` if given) at ``position (b, 2)``; returns the new last hidden state ``(b, c)``."""
         p = self.length
         self.length += 1
+        groups = code_group[:, None, :] if code_group is not None else None  # (b, 1, G)
+        if groups is None and self.code_groups is not None:  # a text token after grouped codes
+            groups = self.code_groups.new_zeros(token.shape[0], 1, self.code_groups.shape[-1])  # (b, 1, G)
         latents = latent_mask = None
         if latent is not None:
             latents = latent[:, None, :]  # (b, 1, D)
@@ -240,6 +252,11 @@ class _Stepper:
                 new_mask = latent_mask if latent_mask is not None else old_mask.new_zeros(b, 1)
                 self.latents = torch.cat([old, new.to(old)], dim=1)  # (b, n + 1, D)
                 self.latent_mask = torch.cat([old_mask, new_mask], dim=1)  # (b, n + 1)
+            if groups is not None:
+                old = self.code_groups
+                if old is None:
+                    old = groups.new_zeros(token.shape[0], p, groups.shape[-1])  # (b, n, G)
+                self.code_groups = torch.cat([old, groups], dim=1)  # (b, n + 1, G)
             return self._uncached()
         plan = self.step_plan
         if self.key_mask is not None:  # the new token's query sees the real keys: (b, 1, 1, p + 1)
@@ -253,6 +270,7 @@ class _Stepper:
             self.weights,
             latents=latents,
             latent_mask=latent_mask,
+            code_groups=groups,
         )
         return hidden[:, -1]
 
@@ -261,6 +279,8 @@ class _Stepper:
         kwargs = {}
         if self.latents is not None:
             kwargs = {"latents": self.latents, "latent_mask": self.latent_mask}
+        if self.code_groups is not None:
+            kwargs["code_groups"] = self.code_groups
         out = self.decoder(self.ids, positions=self.positions, attention_mask=mask, **kwargs)
         return out.last_hidden_state[:, -1]
 
@@ -298,6 +318,7 @@ def generate_tokens(
     use_cache: bool = True,
     prompt_latents: torch.Tensor | None = None,
     prompt_latent_mask: torch.Tensor | None = None,
+    prompt_code_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Continue each prompt with up to ``max_new_tokens`` text tokens; returns ``(b, max_new_tokens)``.
 
@@ -306,7 +327,9 @@ def generate_tokens(
     image), so generated token ``t`` sits at the prompt's last position ``+ 1 + t`` on both axes, which is
     what :func:`~ar_model.positions.multimodal_positions` gives for a trailing text segment. Prompts
     that hold continuous images give ``prompt_latents (b, n, D)`` and ``prompt_latent_mask (b, n)``
-    (equal-length rows; the ids there are the placeholder ``config.latent_token_id``). After
+    (equal-length rows; the ids there are the placeholder ``config.latent_token_id``); prompts that hold
+    grouped codes give ``prompt_code_groups (b, n, G)`` (equal-length rows, read at
+    ``config.group_token_id``). After
     ``eos_id`` (default ``config.eos_id``) a row emits ``pad_id``; generation stops when every row has.
     Only ids in ``allowed_range = [start, stop)`` are sampled (default: the text ids
     ``[0, config.text_vocab_size)``, so captions never contain image codes).
@@ -330,6 +353,11 @@ def generate_tokens(
             raise ValueError(
                 f"prompt_latents must be (b, n, D) = ({b}, {n}, D), got {tuple(prompt_latents.shape)}"
             )
+    if prompt_code_groups is not None and (not bool(mask.all()) or prompt_code_groups.shape[:2] != (b, n)):
+        raise ValueError(
+            f"prompt_code_groups need equal-length prompts and shape (b, n, G) = ({b}, {n}, G), got "
+            f"{tuple(prompt_code_groups.shape)}"
+        )
     if n + max_new_tokens > cfg.max_position:
         raise ValueError(f"{n} prompt + {max_new_tokens} new tokens exceed max_position={cfg.max_position}")
     eos_id = cfg.eos_id if eos_id is None else eos_id
@@ -349,6 +377,7 @@ def generate_tokens(
         use_cache,
         prompt_latents,
         prompt_latent_mask,
+        prompt_code_groups,
     )
     logits = stepper.prefill()  # (b, stop - start)
     out = torch.full((b, max_new_tokens), cfg.pad_id, dtype=torch.long, device=ids.device)
@@ -419,6 +448,11 @@ def generate_image_codes(
     the image (:func:`guidance_scale_at`). ``use_cfg`` (default: ``guidance_scale != 1``) runs the
     uncond rows; without them no guidance is applied. ``generator``: one for the batch or one per
     prompt (:func:`sample_rows`). ``progress`` shows a tqdm bar over the ``h * w`` sampling steps.
+
+    Grouped-code models (``config.code_group = g > 1``) generate ``(h/g) × (w/g)`` positions (the size
+    tokens say so) and at each draw the ``g²`` codes of its block one after the other from
+    :class:`~ar_model.code_groups.CodeGroupHead`, each guided and sampled as above; the result is
+    ungrouped to ``(b, h, w)``.
     """
     cfg = model.config
     rows = _as_rows(prompts)
@@ -426,6 +460,10 @@ def generate_image_codes(
         raise ValueError("every prompt needs at least one token (e.g. <bos>)")
     if cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+    g = cfg.code_group
+    if h % g or w % g:
+        raise ValueError(f"a {h}x{w} code grid does not split into the model's {g}x{g} code groups")
+    h, w = h // g, w // g  # image positions (the code grid itself when g = 1)
     b, hw = len(rows), h * w
     ids, positions = _image_rows(rows, prompt_segments, h, w, cfg, cfg.rope_scheme)
     guided = guidance_scale != 1.0 if use_cfg is None else use_cfg
@@ -441,6 +479,11 @@ def generate_image_codes(
         raise ValueError(
             f"{max(prompt_len)} prompt + {hw} image tokens exceed max_position={cfg.max_position}"
         )
+    if g > 1:
+        stepper = _Stepper(model, batch_ids, batch_pos, mask, image_pos, (0, 1), use_cache)
+        sampling = (guided, guidance_scale, cfg_schedule, temperature, top_k, top_p, generator)
+        groups = _sample_code_groups(model, stepper, image_pos, b, sampling, progress)  # (b, h*w, G)
+        return ungroup_codes(groups.view(b, h, w, g * g), g)  # (b, h, w, G) -> (b, h*g, w*g)
     start, stop = cfg.image_code_range
     stepper = _Stepper(model, batch_ids, batch_pos, mask, image_pos, (start, stop), use_cache)
     logits = stepper.prefill()  # (rows, num_image_codes): the only ids allowed
@@ -459,3 +502,34 @@ def generate_image_codes(
             token = torch.cat([token, token])  # the uncond rows continue with the same codes: (2b,)
         logits = stepper.step(token, image_pos[:, t])
     return codes.view(b, h, w)  # (b, h*w) -> (b, h, w), raster order
+
+
+def _sample_code_groups(
+    model, stepper: _Stepper, image_pos: torch.Tensor, b: int, sampling: tuple, progress: bool
+) -> torch.Tensor:
+    """The grouped-code loop of :func:`generate_image_codes`: ``(b, h*w, G)`` codes, one position per
+    trunk step, its ``G`` codes drawn slot by slot by the code-group head (guided per slot)."""
+    guided, guidance_scale, cfg_schedule, temperature, top_k, top_p, generator = sampling
+    cfg, head = model.config, model.group_head
+    hw, num_slots = image_pos.shape[1], cfg.codes_per_group
+    hidden = stepper.prefill_hidden()  # (rows, c): the condition of position 0
+    device = hidden.device
+    groups = torch.empty(b, hw, num_slots, dtype=torch.long, device=device)
+    placeholder = torch.full((hidden.shape[0],), cfg.group_token_id, dtype=torch.long, device=device)
+    for t in tqdm(range(hw), desc="image tokens", disable=not progress, leave=False):
+        scale = guidance_scale_at(guidance_scale, cfg_schedule, t, hw) if guided else 1.0
+        context = torch.zeros_like(hidden)  # (rows, c): embeddings of the codes drawn at this position
+        for slot in range(num_slots):
+            logits = head.slot_logits(hidden, context, slot).float()  # (rows, K)
+            if guided:
+                cond, uncond = logits[:b], logits[b:]  # each (b, K)
+                logits = cond + (scale - 1.0) * (cond - uncond)
+            code = sample_rows(logits, temperature, top_k, top_p, generator)  # (b,)
+            groups[:, t, slot] = code
+            code = torch.cat([code, code]) if guided else code  # the uncond rows follow the same codes
+            context = context + head.code_embedding(code, slot).to(context.dtype)
+        if t + 1 == hw:
+            break  # the last position needs no forward pass
+        fed = torch.cat([groups[:, t], groups[:, t]]) if guided else groups[:, t]  # (rows, G)
+        hidden = stepper.step_hidden(placeholder, image_pos[:, t], code_group=fed)
+    return groups

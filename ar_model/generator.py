@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForImageTextToText, PreTrainedModel
 
+from ar_model.code_groups import group_codes
 from ar_model.config import MMDecoderConfig
 from ar_model.generation import generate_image_codes, generate_tokens
 from ar_model.latent_generation import generate_image_latents
@@ -490,8 +491,10 @@ class MMGenerator(PreTrainedModel):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
         tokens = self.encode_images(images)  # (N, h, w) codes or (N, h, w, D) raw latents
-        n, h, w = tokens.shape[:3]
         cfg, tok = self.decoder.config, self.text_tokenizer
+        if cfg.code_group > 1:
+            tokens = group_codes(tokens, cfg.code_group)  # (N, h, w) -> (N, h/g, w/g, g*g)
+        n, h, w = tokens.shape[:3]
         generator = self._generator(seed)
         device = tokens.device
         prefix = torch.tensor([tok.bos_id, tok.boi_id, tok.h_token(h), tok.w_token(w)], device=device)
@@ -500,8 +503,12 @@ class MMGenerator(PreTrainedModel):
         positions = multimodal_positions(
             [("text", 4), ("image", (h, w)), ("text", 1)], cfg.rope_scheme, device=device
         )  # (4 + h*w + 1, 2)
-        latents = latent_mask = None
-        if self.is_continuous:
+        latents = latent_mask = groups = None
+        if cfg.code_group > 1:
+            image_ids = torch.full((n, h * w), cfg.group_token_id, dtype=torch.long, device=device)
+            groups = torch.zeros(n, 4 + h * w + 1, cfg.codes_per_group, dtype=torch.long, device=device)
+            groups[:, 4 : 4 + h * w] = tokens.reshape(n, h * w, -1)  # (N, h, w, G) -> (N, h*w, G)
+        elif self.is_continuous:
             image_ids = torch.full((n, h * w), cfg.latent_token_id, dtype=torch.long, device=device)
             normed = self.image_tokenizer.normalize_latents(tokens).reshape(n, h * w, -1)  # (N, h*w, D)
             latents = torch.zeros(n, 4 + h * w + 1, normed.shape[-1], device=device)  # (N, 4 + h*w + 1, D)
@@ -521,6 +528,7 @@ class MMGenerator(PreTrainedModel):
                 max_new_tokens,
                 prompt_latents=None if latents is None else latents[part].to(self.decoder.dtype),
                 prompt_latent_mask=None if latent_mask is None else latent_mask[part],
+                prompt_code_groups=None if groups is None else groups[part],
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,

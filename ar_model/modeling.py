@@ -51,6 +51,7 @@ from ar_model.attention import (
     padding_causal_mask,
     plan_attention,
 )
+from ar_model.code_groups import CodeGroupHead
 from ar_model.config import MMDecoderConfig
 from ar_model.diffusion_head import DiffusionHead
 from ar_model.flow_matching import FlowLoss, flow_matching_loss
@@ -334,7 +335,7 @@ class MMDecoderPreTrainedModel(PreTrainedModel):
             module.init_weights(init)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, RMSNorm):
+        elif isinstance(module, RMSNorm | nn.RMSNorm):
             init.ones_(module.weight)
 
 
@@ -346,6 +347,9 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         # Continuous tokens: embedded by a linear layer at their positions (issue 4); absent if discrete.
         self.latent_proj = nn.Linear(config.latent_dim, config.hidden_size) if config.latent_dim else None
+        # Grouped codes: one table per slot of a position's block (code c of slot s at row s·K + c).
+        g = config.codes_per_group
+        self.group_embed = nn.Embedding(g * config.num_image_codes, config.hidden_size) if g > 1 else None
         self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = config.gradient_checkpointing
@@ -368,6 +372,7 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
         use_cache: bool = False,
         latents: torch.Tensor | None = None,
         latent_mask: torch.Tensor | None = None,
+        code_groups: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Hidden states for ``input_ids (b, n)`` at ``positions (b, n, 2)``.
@@ -378,7 +383,9 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
         :class:`KVCache` (or ``use_cache=True`` to start one); it is returned in ``past_key_values``.
         ``positions=None`` means 1-D positions ``cached .. cached + n - 1`` on both axes.
         Continuous tokens (``config.latent_dim > 0``): ``latents (b, n, latent_dim)`` replace the token
-        embedding where ``latent_mask (b, n)`` is true (see :meth:`embed`).
+        embedding where ``latent_mask (b, n)`` is true (see :meth:`embed`). Grouped codes
+        (``config.code_group > 1``): ``code_groups (b, n, G)`` long, read where ``input_ids`` is
+        ``config.group_token_id``.
         """
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
@@ -387,6 +394,7 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
         b, n = input_ids.shape
         cfg = self.config
         self.check_latents(input_ids, latents, latent_mask)
+        self.check_code_groups(input_ids, code_groups)
         if use_cache and past_key_values is None:
             param = self.embed_tokens.weight
             past_key_values = KVCache(
@@ -424,7 +432,14 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
         # RoPE tables once per forward (angles in fp32, cast once), shared by all layers.
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_base, self.embed_tokens.weight.dtype)
         hidden = self.run_layers(
-            input_ids, cos, sin, plan, past_key_values, latents=latents, latent_mask=latent_mask
+            input_ids,
+            cos,
+            sin,
+            plan,
+            past_key_values,
+            latents=latents,
+            latent_mask=latent_mask,
+            code_groups=code_groups,
         )
         return BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_FIELD: past_key_values})
 
@@ -495,15 +510,49 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
             bad = (~torch.isfinite(latents)).any(-1).nonzero()[:4].tolist()  # (k, 2): (row, position)
             raise ValueError(f"latents hold NaN or inf (first (row, position) pairs: {bad})")
 
+    def check_code_groups(self, input_ids: torch.Tensor, code_groups: torch.Tensor | None) -> None:
+        """ValueError unless a grouped-code model gets ``code_groups (b, n, G)`` long whose rows at the
+        placeholder positions are codes in ``[0, num_image_codes)`` (syncs with the host), and other
+        models get none."""
+        cfg = self.config
+        grouped = (input_ids == cfg.group_token_id).any() if cfg.group_token_id is not None else False
+        if code_groups is None:
+            if cfg.code_group > 1 and bool(grouped):
+                raise ValueError("input_ids hold grouped-code placeholders but no code_groups were given")
+            return
+        if cfg.code_group == 1:
+            raise ValueError("this model does not group image codes (config.code_group=1): no code_groups")
+        b, n = input_ids.shape
+        want = (b, n, cfg.codes_per_group)
+        if code_groups.shape != want or code_groups.dtype != torch.long:
+            raise ValueError(
+                f"code_groups must be long {want}, got {code_groups.dtype} {tuple(code_groups.shape)}"
+            )
+        used = code_groups[input_ids == cfg.group_token_id]  # (m, G)
+        if used.numel() and not (0 <= int(used.min()) and int(used.max()) < cfg.num_image_codes):
+            raise ValueError(
+                f"code_groups hold codes outside [0, {cfg.num_image_codes}) at image positions "
+                f"(min {int(used.min())}, max {int(used.max())})"
+            )
+
     def embed(
         self,
         input_ids: torch.Tensor,
         latents: torch.Tensor | None = None,
         latent_mask: torch.Tensor | None = None,
+        code_groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Input embeddings ``(b, n, c)``: ``embed_tokens(input_ids)``, and ``latent_proj(latents)`` where
-        ``latent_mask`` is true (unchecked: :meth:`forward` checks with :meth:`check_latents`)."""
+        """Input embeddings ``(b, n, c)``: ``embed_tokens(input_ids)``; ``latent_proj(latents)`` where
+        ``latent_mask`` is true; the sum of the slot embeddings of ``code_groups`` where ``input_ids`` is
+        the grouped-code placeholder (unchecked: :meth:`forward` checks)."""
         x = self.embed_tokens(input_ids)  # (b, n, c)
+        if code_groups is not None:
+            cfg = self.config
+            slots = torch.arange(cfg.codes_per_group, device=input_ids.device) * cfg.num_image_codes  # (G,)
+            at = (input_ids == cfg.group_token_id)[..., None]  # (b, n, 1)
+            rows = torch.where(at, code_groups + slots, 0)  # (b, n, G): row 0 off the image (discarded)
+            z = self.group_embed(rows).sum(-2)  # (b, n, G, c) -> (b, n, c)
+            x = torch.where(at, z.to(x.dtype), x)
         if latent_mask is None:
             return x
         z = self.latent_proj(latents.to(self.latent_proj.weight.dtype))  # (b, n, D) -> (b, n, c)
@@ -526,6 +575,7 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
         *,
         latents: torch.Tensor | None = None,
         latent_mask: torch.Tensor | None = None,
+        code_groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Normed hidden states ``(b, n, c)`` from checked inputs (internal: :meth:`forward` and generation).
 
@@ -533,9 +583,9 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
         :func:`~ar_model.attention.plan_attention`; ``cache`` is written and advanced by ``n`` tokens.
         Generation computes the tables of every position once, takes :meth:`plain_layer_weights`, and
         calls this for each new token; with ``weights`` the layers run as :func:`lean_layer`.
-        ``latents``/``latent_mask`` as in :meth:`forward` (continuous tokens, :meth:`embed`).
+        ``latents``/``latent_mask``/``code_groups`` as in :meth:`forward` (:meth:`embed`).
         """
-        x = self.embed(input_ids, latents, latent_mask)  # (b, n, c)
+        x = self.embed(input_ids, latents, latent_mask, code_groups)  # (b, n, c)
         if weights is not None:
             for w in weights:
                 x = lean_layer(x, w, cos, sin, plan, cache)
@@ -556,11 +606,13 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
 
 @dataclass
 class MMCausalLMOutput(CausalLMOutputWithPast):
-    """The output of a continuous-token model (``latent_dim > 0``): ``CausalLMOutputWithPast`` plus the
-    parts of ``loss = text_loss + flow_loss.weight · flow_loss`` and the last hidden states (the
-    diffusion head's conditions at generation)."""
+    """The output of a continuous-token model (``latent_dim > 0``) or a grouped-code model (``code_group >
+    1``): ``CausalLMOutputWithPast`` plus the parts of the loss (``text_loss + flow_loss.weight ·
+    flow_loss``, or text and code cross-entropy) and the last hidden states (the image head's
+    conditions at generation)."""
 
     text_loss: torch.FloatTensor | None = None  # mean cross-entropy over labels != -100
+    code_loss: torch.FloatTensor | None = None  # grouped codes: mean cross-entropy per image code
     flow_loss: torch.FloatTensor | None = None  # FlowLoss.loss: flow matching and shortcut rows together
     flow_matching_loss: torch.FloatTensor | None = None  # FlowLoss.flow: the d = 0 rows only
     shortcut_loss: torch.FloatTensor | None = None  # FlowLoss.shortcut: the self-consistency rows only
@@ -580,6 +632,17 @@ class MMDecoderForCausalLM(MMDecoderPreTrainedModel):
         self.diffusion_head = (
             DiffusionHead(config.latent_dim, config.hidden_size, config.head_config)
             if config.latent_dim
+            else None
+        )
+        self.group_head = (
+            CodeGroupHead(
+                config.hidden_size,
+                config.num_image_codes,
+                config.codes_per_group,
+                config.code_group_width,
+                config.rms_norm_eps,
+            )
+            if config.code_group > 1
             else None
         )
         self.post_init()
@@ -610,6 +673,7 @@ class MMDecoderForCausalLM(MMDecoderPreTrainedModel):
         latents: torch.Tensor | None = None,
         latent_mask: torch.Tensor | None = None,
         flow_generator: torch.Generator | None = None,
+        code_groups: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits ``(b, n, V)`` (the last ``logits_to_keep`` positions if > 0) and the loss.
@@ -622,6 +686,11 @@ class MMDecoderForCausalLM(MMDecoderPreTrainedModel):
         (:func:`~ar_model.flow_matching.flow_matching_loss`) over the pairs of :meth:`flow_pairs`, its
         noise and times drawn from ``flow_generator``. With ``flow_loss.input_noise`` σ > 0 the trunk then
         reads ``latents + σ·ε`` (ε from ``flow_generator``), while the flow targets stay clean.
+
+        Grouped-code models (``code_group > 1``) also return :class:`MMCausalLMOutput`. With ``labels``
+        and ``code_groups (b, n, G)`` the loss is the mean cross-entropy over every predicted symbol: the
+        text labels and the ``G`` codes of each image position, which :class:`CodeGroupHead` predicts
+        from the hidden state of the position before (``code_loss`` is their mean alone).
         """
         inputs = latents
         sigma = self.config.flow_loss_config.input_noise if self.diffusion_head is not None else 0.0
@@ -638,6 +707,7 @@ class MMDecoderForCausalLM(MMDecoderPreTrainedModel):
             use_cache=use_cache,
             latents=inputs,
             latent_mask=latent_mask,
+            code_groups=code_groups,
             **kwargs,
         )
         hidden = out.last_hidden_state  # (b, n, c)
@@ -656,6 +726,8 @@ class MMDecoderForCausalLM(MMDecoderPreTrainedModel):
             logits = self.lm_head(hidden)  # (b, n or k, V)
             if labels is not None:
                 loss = lm_loss(logits, labels)
+        if self.group_head is not None:
+            return self._grouped_output(out, input_ids, logits, loss, labels, code_groups, doc_ids, seq_lens)
         if self.diffusion_head is None:
             return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: output_cache(out)})
         result = MMCausalLMOutput(
@@ -682,6 +754,39 @@ class MMDecoderForCausalLM(MMDecoderPreTrainedModel):
             result.flow_loss, result.flow_matching_loss, result.shortcut_loss = flow
         return result
 
+    def _grouped_output(
+        self,
+        out: BaseModelOutputWithPast,
+        input_ids: torch.Tensor,
+        logits: torch.Tensor,
+        text_loss: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        code_groups: torch.Tensor | None,
+        doc_ids: torch.Tensor | None,
+        seq_lens: list[list[int]] | None,
+    ) -> MMCausalLMOutput:
+        """:meth:`forward`'s result for a grouped-code model: text and code cross-entropy together."""
+        result = MMCausalLMOutput(
+            loss=text_loss,
+            logits=logits,
+            **{CACHE_FIELD: output_cache(out)},
+            text_loss=text_loss,
+            last_hidden_state=out.last_hidden_state,
+        )
+        if labels is None or code_groups is None:
+            return result
+        at = input_ids == self.config.group_token_id  # (b, n)
+        # the hidden state at i predicts the codes at i + 1 when i + 1 is an image position of its document
+        cond, target = self.flow_pairs(
+            out.last_hidden_state, code_groups, at, doc_ids, seq_lens
+        )  # (N, c), (N, G)
+        code_sum = self.group_head.loss(cond, target)
+        num_text = (labels != IGNORE_INDEX).sum()
+        num_codes = target.numel()
+        result.code_loss = code_sum / max(num_codes, 1)
+        result.loss = (text_loss * num_text + code_sum) / (num_text + num_codes).clamp(min=1)
+        return result
+
     @staticmethod
     def flow_pairs(
         hidden: torch.Tensor,
@@ -692,7 +797,8 @@ class MMDecoderForCausalLM(MMDecoderPreTrainedModel):
         *,
         predict_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Conditions ``(N, c)`` and targets ``(N, D)`` of the flow loss, in row-major order.
+        """Conditions ``(N, c)`` and targets ``(N, D)`` of the flow loss, in row-major order (also the
+        pairs of the code-group loss, with ``latents`` the code groups ``(b, n, G)``).
 
         The hidden state at position ``i`` conditions the latent at ``i + 1`` whenever ``i + 1`` is a
         latent of the same document (DESIGN §3: "c = hidden state of the previous position"). Packed rows:

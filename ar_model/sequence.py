@@ -4,8 +4,9 @@ Layout::
 
     <bos> text… <boi> <h_H> <w_W> x_1 … x_{H·W} <eoi> text… <eos>
 
-Segments are ``("text", str)`` or ``("image", codes)`` with ``codes`` either a LongTensor
-``(h, w)`` of discrete codes or a FloatTensor ``(h, w, c)`` of continuous latents, in raster
+Segments are ``("text", str)`` or ``("image", codes)`` with ``codes`` a LongTensor ``(h, w)`` of
+discrete codes, a LongTensor ``(h, w, G)`` of grouped codes (``G`` codes per position,
+:mod:`ar_model.code_groups`) or a FloatTensor ``(h, w, c)`` of continuous latents, in raster
 order (row-major). Any order of segments is allowed: caption→image (text-to-image) and
 image→caption (image-to-text) are the two used for training. The size tokens come before the
 image, so the positions and the number of image tokens are known before generation starts.
@@ -35,25 +36,31 @@ class Sequence:
     modality: torch.Tensor  # (n,) long: 0 text, 1 image
     labels: torch.Tensor  # (n,) long: next token within the document, -100 at the end / before latents
     latents: torch.Tensor | None  # (n_latent_tokens, c) continuous latents in sequence order, else None
+    code_groups: torch.Tensor | None  # (n_image_tokens, G) grouped codes in sequence order, else None
     image_spans: list[tuple[int, int, int]]  # (index of the first image token, h, w) per image
     position_segments: list[Segment]  # the ("text", n) / ("image", (h, w)) list behind positions
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def latent_mask(self) -> torch.Tensor:
-        """``(n,)`` bool: positions that carry a continuous latent."""
+    def image_mask(self) -> torch.Tensor:
+        """``(n,)`` bool: the image-token positions."""
         mask = torch.zeros(len(self), dtype=torch.bool, device=self.input_ids.device)
-        if self.latents is not None:  # a document's images are all continuous or all discrete
-            for start, h, w in self.image_spans:
-                mask[start : start + h * w] = True
+        for start, h, w in self.image_spans:
+            mask[start : start + h * w] = True
         return mask
+
+    def latent_mask(self) -> torch.Tensor:
+        """``(n,)`` bool: positions that carry a continuous latent (a document's images are all of one
+        kind)."""
+        return self.image_mask() if self.latents is not None else self.image_mask() & False
 
     def as_document(self) -> dict[str, torch.Tensor]:
         """Per-token tensors for :func:`ar_model.packing.build_packed_batch`.
 
         Continuous latents are scattered to ``latents (n, c)`` (zeros elsewhere) with a
-        ``latent_mask (n,)``, so that every value is per token.
+        ``latent_mask (n,)``, grouped codes to ``code_groups (n, G)`` (zeros elsewhere), so that every
+        value is per token.
         """
         doc = {
             "input_ids": self.input_ids,
@@ -67,11 +74,15 @@ class Sequence:
             full[mask] = self.latents
             doc["latents"] = full
             doc["latent_mask"] = mask
+        if self.code_groups is not None:
+            full = self.code_groups.new_zeros(len(self), self.code_groups.shape[-1])  # (n, G)
+            full[self.image_mask()] = self.code_groups
+            doc["code_groups"] = full
         return doc
 
 
-def _check_image(value: object) -> tuple[torch.Tensor, bool]:
-    """Validate an image segment; return it and whether it is continuous."""
+def _check_image(value: object) -> tuple[torch.Tensor, str]:
+    """Validate an image segment; return it and its kind: "continuous", "grouped" or "discrete"."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"an image segment holds a tensor, got {type(value).__name__}")
     if value.dtype == torch.bool:
@@ -79,12 +90,14 @@ def _check_image(value: object) -> tuple[torch.Tensor, bool]:
     if value.is_floating_point():
         if value.dim() != 3 or min(value.shape) < 1:
             raise ValueError(f"continuous latents must be (h, w, c), all >= 1, got {tuple(value.shape)}")
-        return value, True
-    if value.dim() != 2 or min(value.shape) < 1:
-        raise ValueError(f"discrete codes must be (h, w) with h, w >= 1, got {tuple(value.shape)}")
+        return value, "continuous"
+    if value.dim() not in (2, 3) or min(value.shape) < 1:
+        raise ValueError(
+            f"discrete codes must be (h, w) or grouped (h, w, G), all >= 1, got {tuple(value.shape)}"
+        )
     if (value < 0).any():
         raise ValueError("discrete image codes must be non-negative")
-    return value, False
+    return value, "grouped" if value.dim() == 3 else "discrete"
 
 
 def build_sequence(
@@ -103,6 +116,8 @@ def build_sequence(
       vocabulary is text ids and specials first, then image codes);
     * continuous latents put ``image_token_id`` at their positions and are returned in ``latents``;
       labels that would predict such a placeholder are -100 (the diffusion head predicts latents);
+    * grouped codes ``(h, w, G)`` likewise put ``image_token_id`` at their positions and are returned in
+      ``code_groups`` (the code-group head predicts them);
     * ``drop_caption=True`` replaces every text segment by empty text (the unconditional rows of
       classifier-free guidance; the caller picks which documents, e.g. 10%);
     * with ``max_len``, an image grid that cannot fit (with <bos>, <eos> and its 4 specials) is a
@@ -117,7 +132,7 @@ def build_sequence(
     tok = text_tokenizer
     # 1. Parse segments: text -> id lists, images -> validated tensors.
     parsed: list[tuple[str, object]] = []
-    kinds: set[bool] = set()  # continuous? per image
+    kinds: set[str] = set()  # per image: "continuous", "grouped" or "discrete"
     for seg in segments:
         if not isinstance(seg, tuple | list) or len(seg) != 2:
             raise ValueError(f"a segment is ('text', str) or ('image', tensor), got {seg!r}")
@@ -127,18 +142,18 @@ def build_sequence(
                 raise TypeError(f"a text segment holds a str, got {type(value).__name__}")
             parsed.append(("text", [] if drop_caption else tok.encode(value)))
         elif kind == "image":
-            image, continuous = _check_image(value)
+            image, kind = _check_image(value)
             h, w = image.shape[0], image.shape[1]
             tok.h_token(h)  # raises if the tokenizer has no size token for h
             tok.w_token(w)
-            if continuous and image_token_id is None:
-                raise ValueError("continuous latents need image_token_id (the placeholder id for them)")
+            if kind != "discrete" and image_token_id is None:
+                raise ValueError(f"{kind} image tokens need image_token_id (the placeholder id for them)")
             parsed.append(("image", image))
-            kinds.add(continuous)
+            kinds.add(kind)
         else:
             raise ValueError(f"segment kind must be 'text' or 'image', got {kind!r}")
     if len(kinds) > 1:
-        raise ValueError("a document holds either discrete codes or continuous latents, not both")
+        raise ValueError(f"a document's images are all of one kind, got {sorted(kinds)}")
 
     # 2. Length budget: images never shrink, text is cut from the end.
     if max_len is not None:
@@ -169,6 +184,7 @@ def build_sequence(
     modality: list[torch.Tensor] = []
     pos_segments: list[Segment] = []
     latents: list[torch.Tensor] = []
+    groups: list[torch.Tensor] = []
     spans: list[tuple[int, int, int]] = []
     text_run: list[int] = [tok.bos_id]  # text tokens since the last image
     cursor = 0  # tokens emitted before text_run
@@ -192,6 +208,9 @@ def build_sequence(
         if value.is_floating_point():
             latents.append(value.reshape(h * w, value.shape[2]))  # (h, w, c) -> (h*w, c), raster order
             ids = torch.full((h * w,), image_token_id, dtype=torch.long, device=device)
+        elif value.dim() == 3:
+            groups.append(value.reshape(h * w, value.shape[2]).to(torch.long))  # (h, w, G) -> (h*w, G)
+            ids = torch.full((h * w,), image_token_id, dtype=torch.long, device=device)
         else:
             ids = value.reshape(h * w).to(torch.long) + code_offset  # (h, w) -> (h*w,), raster order
         pieces.append(ids)
@@ -207,17 +226,19 @@ def build_sequence(
     labels = torch.full_like(input_ids, IGNORE_INDEX)  # (n,)
     labels[:-1] = input_ids[1:]
     latents_t = torch.cat(latents) if latents else None  # (n_latent_tokens, c)
+    groups_t = torch.cat(groups) if groups else None  # (n_image_tokens, G)
     seq = Sequence(
         input_ids=input_ids,
         positions=multimodal_positions(pos_segments, scheme, device=input_ids.device),  # (n, 2)
         modality=modality_t,
         labels=labels,
         latents=latents_t,
+        code_groups=groups_t,
         image_spans=spans,
         position_segments=pos_segments,
     )
-    if latents_t is not None:  # the LM head never predicts a placeholder
-        labels[:-1][seq.latent_mask()[1:]] = IGNORE_INDEX
+    if latents_t is not None or groups_t is not None:  # the LM head never predicts a placeholder
+        labels[:-1][seq.image_mask()[1:]] = IGNORE_INDEX
     return seq
 
 

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from ar_model.attention import doc_ids_from_seq_lens
+from ar_model.code_groups import group_codes
 from ar_model.config import MMDecoderConfig, vocab_layout
 from ar_model.documents import I2T, T2I, CodesCorpus, PackedBatches, eval_batches
 from ar_model.flow_matching import flow_matching_loss
@@ -238,6 +239,7 @@ def check_latent_stats(tok_config: ImageTokenizerConfig, where: str) -> None:
 
 CONTINUOUS_KEYS = ("latent_dim", "diffusion_head", "flow_loss")
 LOSS_PARTS = ("text_loss", "flow_loss", "flow_matching_loss", "shortcut_loss")  # logged for continuous models
+GROUP_LOSS_PARTS = ("text_loss", "code_loss")  # logged for grouped-code models
 
 
 def image_layout(tok_config: ImageTokenizerConfig, where: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -378,6 +380,8 @@ def _to_device(batch: TokenBatch, device: torch.device) -> dict[str, Any]:
     if "latents" in t:  # continuous tokens: always passed, so the head sees a gradient on every rank
         inputs["latents"] = t["latents"].to(device)  # (rows, max_len, D)
         inputs["latent_mask"] = t["latent_mask"].to(device)  # (rows, max_len)
+    if "code_groups" in t:
+        inputs["code_groups"] = t["code_groups"].to(device)  # (rows, max_len, G)
     return inputs
 
 
@@ -416,6 +420,8 @@ def validation_loss(model: MMDecoderForCausalLM, batches: list[TokenBatch], devi
     cfg = model.config
     if cfg.latent_dim:
         return _continuous_validation_loss(model, batches, device)
+    if cfg.code_group > 1:
+        return _grouped_validation_loss(model, batches, device)
     sums = {"val_loss": 0.0, "val_image_loss": 0.0, "val_caption_loss": 0.0}
     counts = dict.fromkeys(sums, 0)
     for batch in batches:
@@ -446,6 +452,39 @@ def _caption_mask(cfg: MMDecoderConfig, ids: torch.Tensor, labels: torch.Tensor,
     is_code = labels >= cfg.code_offset
     real = labels != IGNORE_INDEX
     return real & ~is_code & (task == I2T) & ~torch.isin(ids, prefix) & ~size_tok
+
+
+def _grouped_validation_loss(
+    model: MMDecoderForCausalLM, batches: list[TokenBatch], device: torch.device
+) -> dict:
+    """:func:`validation_loss` of a grouped-code model: ``val_loss`` over text labels and every image code,
+    ``val_image_loss`` per image code of caption→image documents (comparable with an ungrouped model's)."""
+    cfg = model.config
+    sums = {"val_loss": 0.0, "val_image_loss": 0.0, "val_caption_loss": 0.0}
+    counts = dict.fromkeys(sums, 0)
+    for batch in batches:
+        inputs = _to_device(batch, device)
+        labels = inputs.pop("labels")
+        out = model(**inputs)
+        ce = F.cross_entropy(
+            out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view_as(labels)  # (rows, max_len)
+        task = batch.tensors["task"].to(device)
+        ids, groups = inputs["input_ids"], inputs["code_groups"]
+        at = ids == cfg.group_token_id  # (rows, max_len)
+        for key, where in (("val_loss", at), ("val_image_loss", at & (task == T2I))):
+            cond, target = model.flow_pairs(
+                out.last_hidden_state, groups, where, inputs["doc_ids"], batch.seq_lens
+            )
+            sums[key] += float(model.group_head.loss(cond, target))
+            counts[key] += target.numel()
+        for key, mask in (
+            ("val_loss", labels != IGNORE_INDEX),
+            ("val_caption_loss", _caption_mask(cfg, ids, labels, task)),
+        ):
+            sums[key] += float(ce[mask].sum())
+            counts[key] += int(mask.sum())
+    return {k: sums[k] / max(counts[k], 1) for k in sums}
 
 
 def _continuous_validation_loss(
@@ -577,7 +616,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     }
     model_cfg = preset_config(cfg.preset, **{**layout, **cfg.model})
     model_cfg.check_latent_dim(None if tok_config.is_discrete else tok_config.token_dim)
-    continuous = bool(model_cfg.latent_dim)
+    continuous, grouped = bool(model_cfg.latent_dim), model_cfg.code_group > 1
+    if grouped:
+        codes = group_codes(codes, model_cfg.code_group)  # (N, H, W) -> (N, H/g, W/g, g*g)
     corpus = CodesCorpus(codes, captions, text_tok, cfg.max_len)
     batch_args = dict(max_len=cfg.max_len, scheme=model_cfg.rope_scheme, code_offset=model_cfg.code_offset)
     batches = PackedBatches(
@@ -594,6 +635,8 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     val_batches: list[TokenBatch] = []
     if (is_main or collective) and folders["val"]:
         val_codes, val_captions = _load_all(folders["val"], image_tokenizer)
+        if grouped:
+            val_codes = group_codes(val_codes, model_cfg.code_group)  # (N, H/g, W/g, g*g)
         val_corpus = CodesCorpus(val_codes, val_captions, text_tok, cfg.max_len)
         val_batches = eval_batches(
             val_corpus, tokens_per_batch=cfg.tokens_per_batch, pad_id=model_cfg.pad_id, **batch_args
@@ -655,8 +698,11 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         batch = batches.get(micro)
         generator = flow_generator(cfg.seed, micro, rank, device) if continuous else None
         inputs = _model_inputs(batch, model_cfg, device, generator)
-        # trained tokens: labelled text/code tokens, plus the image latents of a continuous model
+        # trained tokens: labelled text/code tokens, plus the image positions of a continuous or
+        # grouped-code model (their targets are the image head's)
         n_tokens = int((inputs["labels"] != IGNORE_INDEX).sum())
+        if grouped:
+            n_tokens += int((inputs["input_ids"] == model_cfg.group_token_id).sum())
         bad_latents = False
         if continuous:
             n_tokens += int(batch.tensors["latent_mask"].sum())
@@ -671,7 +717,8 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             out = model(**inputs)
             loss = out.loss * float("nan") if bad_latents else out.loss
             # the parts of loss = text_loss + weight · flow_loss (not the logits: they would outlive the step)
-            parts = {k: getattr(out, k).detach() for k in LOSS_PARTS} if continuous else {}
+            names = LOSS_PARTS if continuous else GROUP_LOSS_PARTS if grouped else ()
+            parts = {k: getattr(out, k).detach() for k in names}
             del out
             bad = guarded_update(accelerator, loss, model.parameters(), optimizer, scheduler, cfg.grad_clip)
         tokens_seen += n_tokens * world
@@ -697,11 +744,11 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             record.update({k: float(v) for k, v in parts.items()})
             t_window, tok_window = now, 0
             log("log.jsonl", record)
-            parts = (
-                {"text": f"{record['text_loss']:.3f}", "flow": f"{record['flow_loss']:.3f}"}
-                if continuous
-                else {}
-            )
+            parts = {}
+            if continuous:
+                parts = {"text": f"{record['text_loss']:.3f}", "flow": f"{record['flow_loss']:.3f}"}
+            elif grouped:
+                parts = {"text": f"{record['text_loss']:.3f}", "code": f"{record['code_loss']:.3f}"}
             bar.set_postfix(loss=f"{record['loss']:.3f}", **parts, tok_s=f"{record['tokens_per_s']:.0f}")
         busy = (is_main or collective) and step < cfg.max_steps
         if busy and cfg.eval_every and step % cfg.eval_every == 0 and val_batches:
@@ -755,7 +802,13 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             "tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
             "params": num_params,
             "preset": cfg.preset,
-            "image_tokens": f"continuous ({model_cfg.latent_dim} channels)" if continuous else "discrete",
+            "image_tokens": (
+                f"continuous ({model_cfg.latent_dim} channels)"
+                if continuous
+                else f"discrete, {model_cfg.code_group}x{model_cfg.code_group} codes per position"
+                if grouped
+                else "discrete"
+            ),
             "rope_scheme": model_cfg.rope_scheme,
             "text_vocab_size": text_tok.vocab_size,
             "captions_truncated": corpus.num_truncated,

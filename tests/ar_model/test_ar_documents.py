@@ -10,6 +10,7 @@ from ar_model.documents import (
     I2T,
     T2I,
     CodesCorpus,
+    DocSpec,
     PackedBatches,
     eval_batches,
     plan_epoch,
@@ -188,4 +189,16 @@ def test_eval_batches_carry_latents_and_bad_latents_are_refused(text_tokenizer, 
     with pytest.raises(ValueError, match="NaN or inf"):
         CodesCorpus(bad, ["a", "b"], text_tokenizer, 128)
     with pytest.raises(ValueError, match="float tensor"):
-        CodesCorpus(torch.zeros(2, 4, 4, 3, dtype=torch.long), ["a", "b"], text_tokenizer, 128)
+        CodesCorpus(torch.zeros(2, 4, 4, 3, 1, dtype=torch.long), ["a", "b"], text_tokenizer, 128)
+
+
+def test_grouped_corpus_documents_carry_code_groups(text_tokenizer, captions):
+    codes = torch.randint(0, 16, (4, 4, 4, 4), generator=torch.Generator().manual_seed(0))  # (N, h, w, G)
+    corpus = CodesCorpus(codes, captions[:4], text_tokenizer, 128)
+    assert corpus.grouped and corpus.latent_dim == 0 and corpus.grid == (4, 4)
+    for task in (T2I, I2T):
+        spec = DocSpec(sample=2, task=task, drop_caption=False)
+        doc = corpus.document(spec, "rope_tv", CODE_OFFSET)
+        at = doc["input_ids"] == CODE_OFFSET  # the placeholder
+        assert doc["input_ids"].shape[0] == corpus.length(spec) and int(at.sum()) == 16
+        assert torch.equal(doc["code_groups"][at], codes[2].reshape(16, 4))

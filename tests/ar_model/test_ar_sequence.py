@@ -100,7 +100,7 @@ def test_continuous_latents(text_tokenizer: TextTokenizer) -> None:
     assert doc["latent_mask"].sum().item() == 6
     with pytest.raises(ValueError, match="image_token_id"):
         build_sequence([("image", lat)], text_tokenizer)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="all of one kind"):
         build_sequence([("image", lat), ("image", _codes(1, 1))], text_tokenizer, image_token_id=999)
 
 

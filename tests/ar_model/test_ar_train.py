@@ -45,6 +45,29 @@ def test_short_run_learns_and_leaves_a_loadable_folder(tmp_path, tokenizer_dir):
     assert torch.equal(saved["model.norm.weight"], gen.decoder.model.norm.weight)
 
 
+def test_grouped_codes_run_learns_generates_and_captions(tmp_path, tokenizer_dir):
+    """``--model.code_group 2``: 2x2 codes per position; the loss and its code part fall, and the saved
+    folder generates full-size images and captions them."""
+    model = {**TINY_DECODER, "code_group": 2}
+    metrics = main(_cfg(tmp_path, tokenizer_dir, model=model, eval_every=15, sample_every=0))
+    run = tmp_path / "run"
+    log = _log(run)
+    losses, code = [r["loss"] for r in log], [r["code_loss"] for r in log]
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5]) and sum(code[-5:]) < 0.8 * sum(code[:5])
+    for key in ("val_loss", "val_image_loss", "val_caption_loss"):
+        assert metrics[key] > 0
+    assert metrics["image_tokens"] == "discrete, 2x2 codes per position"
+    gen = MMGenerator.from_pretrained(run / "final")
+    assert (
+        gen.decoder.config.code_group == 2
+        and gen.decoder.config.vocab_size == gen.decoder.config.code_offset + 1
+    )
+    images = gen.text_to_image(["a red circle", "the digit seven"], guidance_scale=2.0, cfg_schedule="linear")
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
+    captions = gen.image_to_text(images, max_new_tokens=6)
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, tokenizer_dir, optimizer):
     kw = dict(max_steps=10, save_every=5, log_every=5, ema_decay=0.9, optimizer=optimizer)
