@@ -88,7 +88,8 @@ class MMDecoderConfig(PretrainedConfig):
             predicts them one after the other, and ``input_ids`` hold the placeholder
             :attr:`group_token_id` (``code_offset``) there. The LM head then covers the text ids and
             that placeholder only (default ``vocab_size = code_offset + 1``).
-        code_group_width: hidden width of the code-group head's MLP; default ``2 * hidden_size``.
+        code_group_width: hidden width of the MLP in each code-group head block; default ``2 * hidden_size``.
+        code_group_layers: Transformer blocks of the code-group head (over a position's ``g²`` slots).
     """
 
     model_type = "mm_decoder"
@@ -133,6 +134,7 @@ class MMDecoderConfig(PretrainedConfig):
         image_attention: str = "causal",
         code_group: int = 1,
         code_group_width: int | None = None,
+        code_group_layers: int = 1,
         **kwargs: Any,
     ):
         unknown = sorted(set(kwargs) - _BASE_CONFIG_KEYS)
@@ -196,6 +198,7 @@ class MMDecoderConfig(PretrainedConfig):
         self.code_group_width = _positive_int(
             "code_group_width", 2 * self.hidden_size if code_group_width is None else code_group_width
         )
+        self.code_group_layers = _positive_int("code_group_layers", code_group_layers)
         self.max_image_side = _positive_int("max_image_side", max_image_side)
         self.size_token_start = _positive_int("size_token_start", size_token_start, 0)
         ids = {"pad_id": pad_id, "bos_id": bos_id, "eos_id": eos_id, "boi_id": boi_id, "eoi_id": eoi_id}

@@ -518,16 +518,14 @@ def _sample_code_groups(
     placeholder = torch.full((hidden.shape[0],), cfg.group_token_id, dtype=torch.long, device=device)
     for t in tqdm(range(hw), desc="image tokens", disable=not progress, leave=False):
         scale = guidance_scale_at(guidance_scale, cfg_schedule, t, hw) if guided else 1.0
-        context = torch.zeros_like(hidden)  # (rows, c): embeddings of the codes drawn at this position
         for slot in range(num_slots):
-            logits = head.slot_logits(hidden, context, slot).float()  # (rows, K)
+            drawn = groups[:, t, :slot]  # (b, slot)
+            prefix = torch.cat([drawn, drawn]) if guided else drawn  # the uncond rows follow the same codes
+            logits = head.slot_logits(hidden, prefix).float()  # (rows, K)
             if guided:
                 cond, uncond = logits[:b], logits[b:]  # each (b, K)
                 logits = cond + (scale - 1.0) * (cond - uncond)
-            code = sample_rows(logits, temperature, top_k, top_p, generator)  # (b,)
-            groups[:, t, slot] = code
-            code = torch.cat([code, code]) if guided else code  # the uncond rows follow the same codes
-            context = context + head.code_embedding(code, slot).to(context.dtype)
+            groups[:, t, slot] = sample_rows(logits, temperature, top_k, top_p, generator)  # (b,)
         if t + 1 == hw:
             break  # the last position needs no forward pass
         fed = torch.cat([groups[:, t], groups[:, t]]) if guided else groups[:, t]  # (rows, G)

@@ -64,6 +64,11 @@ def render_model_card(model: Any, card: dict[str, Any], has_grid: bool) -> str:
         "vocabulary": f"{cfg.text_vocab_size} text ids + {cfg.num_image_codes} image codes",
         "image tokenizer": f"{tok.bottleneck} at {model.resolution}×{model.resolution} px → {h}×{w} tokens",
     }
+    if cfg.code_group > 1:
+        g = cfg.code_group
+        architecture["image positions"] = (
+            f"{h // g}×{w // g}, each holding a {g}×{g} block of codes (code-group head)"
+        )
     lines = [
         "# MMGenerator: autoregressive text-to-image and image-to-text",
         "",

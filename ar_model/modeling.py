@@ -640,7 +640,9 @@ class MMDecoderForCausalLM(MMDecoderPreTrainedModel):
                 config.num_image_codes,
                 config.codes_per_group,
                 config.code_group_width,
-                config.rms_norm_eps,
+                num_layers=config.code_group_layers,
+                num_heads=config.num_heads,
+                eps=config.rms_norm_eps,
             )
             if config.code_group > 1
             else None

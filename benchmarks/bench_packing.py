@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from bench_common import emit_json
 
+from ar_model.code_groups import group_codes
 from ar_model.config import MMDecoderConfig, vocab_layout
 from ar_model.modeling import MMDecoderForCausalLM
 from ar_model.packing import TokenBatch, build_packed_batch, build_padded_batch, pack_documents
@@ -57,11 +58,14 @@ def caption_documents(
     t2i_fraction: float = T2I_FRACTION,
     caption_drop: float = CAPTION_DROP,
     seed: int = 0,
+    code_group: int = 1,
 ) -> tuple[list[dict[str, torch.Tensor]], TextTokenizer]:
     """``num_docs`` documents (per-token ``input_ids``, ``positions``, ``labels``, ...) and their tokenizer.
 
     Half the captions come from the shapes generator, half from the digits generator, interleaved;
-    each gets an 8×8 grid of random codes.
+    each gets an 8×8 grid of random codes. ``code_group = g > 1`` lays the same codes out as
+    ``g × g`` groups per position (``ar_model.code_groups``; the placeholder id is the first id after
+    the text vocabulary, as in training); the documents are otherwise the same.
     """
     captions = [s.caption for s in generate_shapes((num_docs + 1) // 2, seed=seed)]
     captions += [s.caption for s in generate_digits(num_docs // 2, seed=seed)]
@@ -72,12 +76,16 @@ def caption_documents(
     docs = []
     for caption in captions:
         codes = torch.randint(0, NUM_IMAGE_CODES, CODE_GRID, generator=g)  # random codes, see the docstring
+        if code_group > 1:
+            codes = group_codes(codes, code_group)  # (8, 8) -> (8/g, 8/g, g*g)
         if rng.random() < t2i_fraction:
             segments = text_to_image_document(caption, codes)
             drop = rng.random() < caption_drop
         else:
             segments, drop = image_to_text_document(codes, caption), False
-        docs.append(build_sequence(segments, tok, scheme=scheme, drop_caption=drop).as_document())
+        image_id = tok.vocab_size if code_group > 1 else None
+        seq = build_sequence(segments, tok, scheme=scheme, drop_caption=drop, image_token_id=image_id)
+        docs.append(seq.as_document())
     return docs, tok
 
 
