@@ -12,8 +12,9 @@ A tokenizer's ``(H, W)`` code grid becomes an ``(H/g, W/g)`` grid of positions, 
   hidden state before the position) and whose later inputs embed the codes already drawn: the depth
   transformer of RQ-Transformer (Lee et al. 2022, arXiv:2203.01941, §3.2). Training runs every slot in
   parallel (teacher forcing); sampling runs the slots one after the other. (A single residual MLP over
-  ``h`` plus the summed embeddings of the drawn codes, tried first, learned far slower: on frozen trunk
-  states its later slots scored worse than the first.)
+  ``h`` plus the summed embeddings of the drawn codes, tried first, learned far slower: trained for 600
+  steps on frozen trunk states, its per-slot cross-entropy was 2.18 / 2.73 / 3.11 / 3.49 against 2.10 /
+  2.31 / 2.40 / 2.66 for one depth-transformer layer; README, Stage 2.)
 """
 
 from __future__ import annotations

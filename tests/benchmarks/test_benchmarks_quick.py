@@ -76,6 +76,18 @@ def test_bench_packing_quick(tmp_path):
     assert packed["useful_tokens_per_s"] > 0 and padded["useful_tokens_per_s"] > 0
 
 
+def test_bench_code_groups_quick(tmp_path):
+    out = tmp_path / "groups.json"
+    rows = _run("bench_code_groups.py", "--out", str(out))
+    assert len(rows) == 1 and json.loads(out.read_text()) == rows[0]
+    r = rows[0]
+    assert r["bench"] == "code_groups" and r["quick"]
+    g1, g2 = r["g1"], r["g2"]
+    # the same documents: 2x2 groups turn each 8x8 image's 64 tokens into 16 positions
+    assert g1["useful_tokens"] - g2["useful_tokens"] == 48 * r["documents"]
+    assert g1["docs_per_s"] > 0 and g2["images_per_s"] > 0 and r["train_docs_per_s_ratio"] > 0
+
+
 def test_bench_diffusion_head_quick(tmp_path, monkeypatch):
     out = tmp_path / "head.json"
     rows = _run("bench_diffusion_head.py", "--out", str(out), "--threads", "1")
