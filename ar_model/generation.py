@@ -450,7 +450,7 @@ def generate_image_codes(
     prompt (:func:`sample_rows`). ``progress`` shows a tqdm bar over the ``h * w`` sampling steps.
 
     Grouped-code models (``config.code_group = g > 1``) generate ``(h/g) × (w/g)`` positions (the size
-    tokens say so) and at each draw the ``g²`` codes of its block one after the other from
+    tokens say so); at each position they draw the ``g²`` codes of its block one after the other from
     :class:`~ar_model.code_groups.CodeGroupHead`, each guided and sampled as above; the result is
     ungrouped to ``(b, h, w)``.
     """
