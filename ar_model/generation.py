@@ -231,8 +231,6 @@ class _Stepper:
         p = self.length
         self.length += 1
         groups = code_group[:, None, :] if code_group is not None else None  # (b, 1, G)
-        if groups is None and self.code_groups is not None:  # a text token after grouped codes
-            groups = self.code_groups.new_zeros(token.shape[0], 1, self.code_groups.shape[-1])  # (b, 1, G)
         latents = latent_mask = None
         if latent is not None:
             latents = latent[:, None, :]  # (b, 1, D)
@@ -252,11 +250,14 @@ class _Stepper:
                 new_mask = latent_mask if latent_mask is not None else old_mask.new_zeros(b, 1)
                 self.latents = torch.cat([old, new.to(old)], dim=1)  # (b, n + 1, D)
                 self.latent_mask = torch.cat([old_mask, new_mask], dim=1)  # (b, n + 1)
-            if groups is not None:
-                old = self.code_groups
-                if old is None:
-                    old = groups.new_zeros(token.shape[0], p, groups.shape[-1])  # (b, n, G)
-                self.code_groups = torch.cat([old, groups], dim=1)  # (b, n + 1, G)
+            if groups is not None or self.code_groups is not None:  # keep code_groups aligned with ids
+                ref = groups if groups is not None else self.code_groups
+                b, g = token.shape[0], ref.shape[-1]
+                old = (
+                    self.code_groups if self.code_groups is not None else ref.new_zeros(b, p, g)
+                )  # (b, n, G)
+                new = groups if groups is not None else ref.new_zeros(b, 1, g)  # (b, 1, G)
+                self.code_groups = torch.cat([old, new], dim=1)  # (b, n + 1, G)
             return self._uncached()
         plan = self.step_plan
         if self.key_mask is not None:  # the new token's query sees the real keys: (b, 1, 1, p + 1)

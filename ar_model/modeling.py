@@ -515,9 +515,8 @@ class MMDecoderModel(MMDecoderPreTrainedModel):
         placeholder positions are codes in ``[0, num_image_codes)`` (syncs with the host), and other
         models get none."""
         cfg = self.config
-        grouped = (input_ids == cfg.group_token_id).any() if cfg.group_token_id is not None else False
         if code_groups is None:
-            if cfg.code_group > 1 and bool(grouped):
+            if cfg.code_group > 1 and bool((input_ids == cfg.group_token_id).any()):
                 raise ValueError("input_ids hold grouped-code placeholders but no code_groups were given")
             return
         if cfg.code_group == 1:

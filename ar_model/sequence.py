@@ -53,7 +53,9 @@ class Sequence:
     def latent_mask(self) -> torch.Tensor:
         """``(n,)`` bool: positions that carry a continuous latent (a document's images are all of one
         kind)."""
-        return self.image_mask() if self.latents is not None else self.image_mask() & False
+        if self.latents is None:
+            return torch.zeros(len(self), dtype=torch.bool, device=self.input_ids.device)
+        return self.image_mask()
 
     def as_document(self) -> dict[str, torch.Tensor]:
         """Per-token tensors for :func:`ar_model.packing.build_packed_batch`.

@@ -472,12 +472,16 @@ def _grouped_validation_loss(
         task = batch.tensors["task"].to(device)
         ids, groups = inputs["input_ids"], inputs["code_groups"]
         at = ids == cfg.group_token_id  # (rows, max_len)
-        for key, where in (("val_loss", at), ("val_image_loss", at & (task == T2I))):
-            cond, target = model.flow_pairs(
-                out.last_hidden_state, groups, where, inputs["doc_ids"], batch.seq_lens
-            )
-            sums[key] += float(model.group_head.loss(cond, target))
-            counts[key] += target.numel()
+        # every image position's codes once, with whether its document is caption→image
+        side = torch.cat([groups, task[..., None]], dim=-1)  # (rows, max_len, G + 1)
+        cond, paired = model.flow_pairs(out.last_hidden_state, side, at, inputs["doc_ids"], batch.seq_lens)
+        target, t2i = paired[:, :-1], paired[:, -1] == T2I  # (N, G), (N,)
+        logits = model.group_head(cond, target)  # (N, G, K)
+        code_ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none")  # (N*G,)
+        code_ce = code_ce.view_as(target)  # (N, G)
+        for key, rows in (("val_loss", slice(None)), ("val_image_loss", t2i)):
+            sums[key] += float(code_ce[rows].sum())
+            counts[key] += code_ce[rows].numel()
         for key, mask in (
             ("val_loss", labels != IGNORE_INDEX),
             ("val_caption_loss", _caption_mask(cfg, ids, labels, task)),
