@@ -4,7 +4,8 @@
     python benchmarks/quickstart_budget.py --out runs/qs_default                  # target: <= 30 min, <= 4 GB
     python benchmarks/quickstart_budget.py --preset smoke --out DIR               # seconds, for CI
 
-Runs ``python -m pipelines.quickstart --fresh --out DIR --preset P --variant V`` as a child process and,
+Runs ``python -m pipelines.quickstart --fresh --out DIR --preset P --variant V [ARGS]`` as a child process
+(any further arguments go to the job, e.g. ``--decoder_steps 200``) and,
 every ``--interval`` seconds, sums the resident memory (RSS) of it and all its descendants (the
 ``accelerate launch`` ranks and DataLoader workers included). Reports the wall time of each of the six
 steps (from the job's ``[k/6]`` lines), the total, and three peaks of the tree's memory: summed RSS
@@ -46,6 +47,8 @@ def _label(p: psutil.Process) -> str:
         return "?"
     if not cmd:
         return p.name()
+    if len(cmd) > 2 and cmd[1] == "-c" and "multiprocessing" in cmd[2]:  # the job's spawned step process
+        return f"{Path(cmd[0]).name} ({'resource tracker' if 'resource_tracker' in cmd[2] else 'job step'})"
     args = cmd[cmd.index("-m") : cmd.index("-m") + 2] if "-m" in cmd[:-1] else cmd[1:3]
     return " ".join([Path(cmd[0]).name, *args])[:60]
 
@@ -76,10 +79,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--variant", default="discrete", choices=["discrete", "continuous"])
     p.add_argument("--interval", type=float, default=0.5, help="seconds between memory samples")
     p.add_argument("--json", type=Path, default=None, help="also write the JSON result to this file")
-    args = p.parse_args(argv)
+    args, job_args = p.parse_known_args(argv)  # the rest goes to the job (--decoder_steps N, tokenizer keys)
 
     cmd = [sys.executable, "-m", "pipelines.quickstart", "--fresh", "--out", str(args.out)]
-    cmd += ["--preset", args.preset, "--variant", args.variant]
+    cmd += ["--preset", args.preset, "--variant", args.variant, *job_args]
     log_path = Path(f"{args.out}.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     peak = {"sum": 0, "pss": 0, "max": 0}
@@ -128,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "bench": "quickstart_budget",
         "preset": args.preset,
         "variant": args.variant,
+        "job_args": job_args,
         "cpu_count": os.cpu_count(),
         "wall_s": round(wall, 1),
         "peak_rss_sum_gib": _gib(peak["sum"]),

@@ -174,12 +174,14 @@ def test_quickstart_budget_smoke(tmp_path):
     out = tmp_path / "budget.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "quickstart_budget.py"), "--preset", "smoke",
-         "--out", str(tmp_path / "qs"), "--json", str(out)],
+         "--out", str(tmp_path / "qs"), "--json", str(out), "--decoder_steps", "2"],
         capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r["bench"] == "quickstart_budget" and r["preset"] == "smoke"
+    assert r["job_args"] == ["--decoder_steps", "2"]  # forwarded to the job, which trained 2 steps
+    assert json.loads((tmp_path / "qs" / "decoder" / "train_config.json").read_text())["max_steps"] == 2
     assert [s["step"][0] for s in r["steps"]] == list("123456")  # every step, in order
     assert all(s["seconds"] >= 0 for s in r["steps"])
     assert abs(sum(s["seconds"] for s in r["steps"]) - r["wall_s"]) < 0.5  # the steps tile the run

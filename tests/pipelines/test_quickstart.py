@@ -7,7 +7,7 @@ import re
 from pipelines.quickstart import main
 
 
-def test_quickstart_smoke_runs_end_to_end_and_resumes(tmp_path, capsys):
+def test_quickstart_smoke_runs_end_to_end_and_resumes(tmp_path, capfd):
     out = tmp_path / "qs"
     report = main(["--out", str(out), "--preset", "smoke", "--model.base_channels", "8"])
     text = report.read_text()
@@ -42,11 +42,11 @@ def test_quickstart_smoke_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert t2i("a red circle", progress_bar=False)[0]["image"].size == (32, 32)
     card = (out / "model" / "README.md").read_text()
     assert "judge.text_to_image.single" in card and "tokenizer.shapes.psnr" in card
-    last = capsys.readouterr().out.strip().splitlines()[-2:]
+    last = capfd.readouterr().out.strip().splitlines()[-2:]
     assert last[0].startswith("model:") and last[1].startswith("report:")
 
     main(["--out", str(out), "--preset", "smoke"])
-    second = capsys.readouterr().out
+    second = capfd.readouterr().out  # capfd: the steps print from child processes
     for step in ("data", "tokenizer", "decoder", "judge"):
         assert f"{step}: done, skipping" in second
 
@@ -73,6 +73,27 @@ def test_quickstart_continuous_variant_smoke(tmp_path, capsys):
     assert image.size == (32, 32)
     with pytest.raises(SystemExit, match="holds a --variant continuous run"):
         main(["--out", str(out), "--preset", "smoke", "--variant", "discrete"])
+
+
+def test_steps_run_in_a_child_process_that_returns_results_and_raises_errors():
+    """The job runs each step in a spawned child, so its memory is returned when the step ends."""
+    import os
+
+    import pytest
+
+    from pipelines.quickstart import in_child
+
+    assert in_child(os.getpid) != os.getpid()
+    assert in_child(sorted, [3, 1, 2]) == [1, 2, 3]
+    with pytest.raises(ValueError, match="invalid literal"):
+        in_child(int, "not a number")
+
+
+def test_decoder_steps_must_be_positive(tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit, match="--decoder_steps must be >= 1, got 0"):
+        main(["--out", str(tmp_path / "qs"), "--preset", "smoke", "--decoder_steps", "0"])
 
 
 def test_preset_tokenizer_overrides_come_before_the_users(tmp_path, monkeypatch):
