@@ -110,7 +110,8 @@ class TrainConfig:
     optimizer: str = "adamw"  # "adamw" | "muon" (Muon on layer matrices, AdamW elsewhere: ar_model.optim)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
-    ema_decay: float = 0.0  # EMA of weights (0 disables); the final folder then holds the EMA weights
+    ema_decay: float = 0.0  # EMA of weights (0 disables); the final folder then holds the EMA weights and
+    # final_raw/ the raw ones, and validation logs both (raw_val_loss, ...)
     output_dir: str = "runs/decoder"
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -758,6 +759,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         if busy and cfg.eval_every and step % cfg.eval_every == 0 and val_batches:
             m = eval_model().eval()
             record = {"step": step, **validation_loss(m, val_batches, device)}
+            if ema is not None:  # the raw weights too, so that the EMA's effect is measured in one run
+                raw = validation_loss(accelerator.unwrap_model(model).eval(), val_batches, device)
+                record.update({f"raw_{k}": v for k, v in raw.items()})
             if is_main:
                 log("val_log.jsonl", record)
             accelerator.print(
@@ -794,6 +798,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         accelerator.print(f"WARNING: parameters differ across processes: {digests}")
     full_state = accelerator.get_state_dict(model) if collective else None
     val_metrics = validation_loss(eval_model().eval(), val_batches, device) if val_batches else {}
+    if ema is not None and val_batches:
+        raw = validation_loss(accelerator.unwrap_model(model).eval(), val_batches, device)
+        val_metrics.update({f"raw_{k}": v for k, v in raw.items()})
     metrics: dict[str, Any] = {}
     if is_main:
         final_model = eval_model().eval()
@@ -825,6 +832,11 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             gen.card["sample_grid"] = str(out_dir / "samples" / "final.png")
         gen.card["training"] = training_card(cfg, metrics)
         gen.save_pretrained(out_dir / "final", decoder_state_dict=full_state)
+        if ema is not None and not collective:
+            # the final folder holds the EMA weights; the raw ones are kept beside it, loadable the same way
+            raw_gen = MMGenerator(accelerator.unwrap_model(model).eval(), text_tok, image_tokenizer)
+            raw_gen.card["training"] = gen.card["training"]
+            raw_gen.save_pretrained(out_dir / "final_raw")
         atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
         accelerator.print(
             f"final: val loss {metrics.get('val_loss', float('nan')):.4f}, "

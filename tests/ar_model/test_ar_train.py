@@ -83,6 +83,29 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tokenizer_dir, optimi
         assert torch.equal(full[k], resumed[k]), k
 
 
+def test_ema_run_keeps_the_raw_weights_and_logs_both_losses(tmp_path, tokenizer_dir):
+    """With EMA on, ``final/`` holds the EMA weights and ``final_raw/`` the raw ones, which are exactly
+    those of the same run without EMA (the average never feeds back into training); validation logs
+    both, and the raw loss is the plain run's."""
+    kw = dict(max_steps=6, save_every=0, log_every=3, eval_every=3, num_sample_prompts=0)
+    ema_metrics = main(tiny_train_config(tokenizer_dir, tmp_path / "ema", ema_decay=0.5, **kw))
+    plain_metrics = main(tiny_train_config(tokenizer_dir, tmp_path / "plain", **kw))
+    plain = load_file(tmp_path / "plain" / "final" / "model.safetensors")
+    raw = load_file(tmp_path / "ema" / "final_raw" / "model.safetensors")
+    ema = load_file(tmp_path / "ema" / "final" / "model.safetensors")
+    assert plain.keys() == raw.keys() == ema.keys()
+    for k in plain:
+        assert torch.equal(plain[k], raw[k]), k
+    assert any(not torch.equal(plain[k], ema[k]) for k in plain)
+    assert ema_metrics["raw_val_loss"] == pytest.approx(plain_metrics["val_loss"], rel=1e-6)
+    assert ema_metrics["val_loss"] != pytest.approx(plain_metrics["val_loss"], rel=1e-4)
+    (logged,) = [json.loads(x) for x in (tmp_path / "ema" / "val_log.jsonl").read_text().splitlines()]
+    (plain_logged,) = [json.loads(x) for x in (tmp_path / "plain" / "val_log.jsonl").read_text().splitlines()]
+    assert logged["raw_val_loss"] == pytest.approx(plain_logged["val_loss"], rel=1e-6)
+    assert not (tmp_path / "plain" / "final_raw").exists()
+    assert MMGenerator.from_pretrained(tmp_path / "ema" / "final_raw").decoder.config.vocab_size > 0
+
+
 def test_cached_codes_are_reextracted_when_the_request_changes(tmp_path, tokenizer_dir):
     from data.codes import load_codes
 
