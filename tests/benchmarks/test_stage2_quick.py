@@ -52,6 +52,15 @@ def test_stage2_targets_quick(tmp_path):
     assert all(0 <= r["single"] <= 1 and 0 <= r["digits"] <= 1 for r in sweep)
     assert set(sweep[0]["single_fails"]) == {"color", "shape", "count", "size", "position"}
     assert "num_inference_steps" not in sweep[0]
+    # the generalization gap on the same run: per source, train and held-out losses and their difference
+    gap = _load("stage2_generalization_gap").main(["--run", str(tmp_path / "runs" / "target"), "--n", "4"])
+    assert {r["source"] for r in gap} == {"shapes", "digits"}
+    for r in gap:
+        for key in ("loss", "image_loss", "caption_loss"):
+            assert r[f"train_{key}"] > 0 and r[f"heldout_{key}"] > 0
+            assert r[f"gap_{key}"] == pytest.approx(r[f"heldout_{key}"] - r[f"train_{key}"], abs=2e-4)
+    with pytest.raises(SystemExit):
+        _load("stage2_generalization_gap").main(["--run", str(tmp_path / "runs" / "target"), "--n", "0"])
     with pytest.raises(SystemExit):  # diffusion-head options on a code model are refused, not ignored
         _load("stage2_sampling_sweep").main(
             ["--model", str(tmp_path / "runs" / "target" / "final"), "--num_inference_steps", "8"]
