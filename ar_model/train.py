@@ -690,6 +690,15 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     def eval_model() -> MMDecoderForCausalLM:
         return ema.module if ema is not None else accelerator.unwrap_model(model)
 
+    def val_losses() -> dict[str, float]:
+        """Validation losses of the evaluated weights; with EMA also the raw weights' (``raw_`` keys), so
+        that one run measures what the average adds."""
+        record = validation_loss(eval_model().eval(), val_batches, device)
+        if ema is not None:
+            raw = validation_loss(accelerator.unwrap_model(model).eval(), val_batches, device)
+            record.update({f"raw_{k}": v for k, v in raw.items()})
+        return record
+
     def log(name: str, record: dict) -> None:
         with open(out_dir / name, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -757,11 +766,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             bar.set_postfix(loss=f"{record['loss']:.3f}", **parts, tok_s=f"{record['tokens_per_s']:.0f}")
         busy = (is_main or collective) and step < cfg.max_steps
         if busy and cfg.eval_every and step % cfg.eval_every == 0 and val_batches:
-            m = eval_model().eval()
-            record = {"step": step, **validation_loss(m, val_batches, device)}
-            if ema is not None:  # the raw weights too, so that the EMA's effect is measured in one run
-                raw = validation_loss(accelerator.unwrap_model(model).eval(), val_batches, device)
-                record.update({f"raw_{k}": v for k, v in raw.items()})
+            record = {"step": step, **val_losses()}
             if is_main:
                 log("val_log.jsonl", record)
             accelerator.print(
@@ -797,10 +802,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     if len(set(digests)) > 1:
         accelerator.print(f"WARNING: parameters differ across processes: {digests}")
     full_state = accelerator.get_state_dict(model) if collective else None
-    val_metrics = validation_loss(eval_model().eval(), val_batches, device) if val_batches else {}
-    if ema is not None and val_batches:
-        raw = validation_loss(accelerator.unwrap_model(model).eval(), val_batches, device)
-        val_metrics.update({f"raw_{k}": v for k, v in raw.items()})
+    val_metrics = val_losses() if val_batches else {}
     metrics: dict[str, Any] = {}
     if is_main:
         final_model = eval_model().eval()
