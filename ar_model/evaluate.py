@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ar_model.generation import CFG_SCHEDULES
 from data.digits import DIGIT_WORDS, generate_digits
 from data.digits_classifier import DigitsClassifier, digit_prompts, images_to_pil
 from data.images import make_grid
@@ -421,7 +422,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--guidance_scale", type=float, default=1.5, help="1.5 scored best on the shipped CPU model (README)"
     )
+    p.add_argument("--cfg_schedule", choices=CFG_SCHEDULES, default="constant")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument(
+        "--num_candidates", type=int, default=1, help="best of K samples by the model's caption score"
+    )
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--max_new_tokens", type=int, default=32, help="caption length limit")
@@ -429,7 +434,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grids", default=None, help="folder for PNG sample grids")
     args = p.parse_args(argv)
-    for name in ("n_per_category", "n_digits_per_class", "n_captions", "max_new_tokens", "batch_size"):
+    for name in (
+        "n_per_category", "n_digits_per_class", "n_captions", "max_new_tokens", "batch_size", "num_candidates"
+    ):  # fmt: skip
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
@@ -448,7 +455,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gen = MMGenerator.from_pretrained(args.model)
     sampling = {
         "guidance_scale": args.guidance_scale,
+        "cfg_schedule": args.cfg_schedule,
         "temperature": args.temperature,
+        "num_candidates": args.num_candidates,
         "top_k": args.top_k,
         "top_p": args.top_p,
         "batch_size": args.batch_size,

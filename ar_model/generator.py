@@ -38,6 +38,7 @@ from ar_model.latent_generation import generate_image_latents
 from ar_model.model_card import SAMPLE_GRID_FILE, render_model_card
 from ar_model.modeling import MMDecoderForCausalLM
 from ar_model.positions import multimodal_positions
+from ar_model.rerank import best_candidates, caption_scores
 from ar_model.text_tokenizer import TextTokenizer
 from tokenizers_mm.checkpoints import atomic_save_dir
 from tokenizers_mm.hub import push_folder
@@ -341,13 +342,19 @@ class MMGenerator(PreTrainedModel):
         return self.image_tokenizer.token_grid(height, width)
 
     def image_generators(
-        self, prompts: list[str], num_images_per_prompt: int, seed: int | torch.Generator | None
+        self,
+        prompts: list[str],
+        num_images_per_prompt: int,
+        seed: int | torch.Generator | None,
+        num_candidates: int = 1,
     ) -> list[torch.Generator]:
         """One generator per image, seeded from (seed, the prompt, the image's index for that prompt).
 
         So an image depends only on its own prompt and seed, never on what else is in the batch: a
         list of prompts gives the same images as one prompt at a time. A ``torch.Generator`` seed is
-        advanced once (one draw) to derive the base seed.
+        advanced once (one draw) to derive the base seed. With ``num_candidates = C > 1`` each image gets
+        ``C`` generators in a row (prompt-major, then image, then candidate); candidate 0 is seeded as
+        the image itself is with ``C = 1``.
         """
         if isinstance(seed, torch.Generator):
             base = int(torch.randint(0, 2**62, (1,), generator=seed, device=seed.device).item())
@@ -356,8 +363,10 @@ class MMGenerator(PreTrainedModel):
         gens = []
         for prompt in prompts:
             for k in range(num_images_per_prompt):
-                digest = hashlib.sha256(f"{base}\x00{k}\x00{prompt}".encode()).hexdigest()
-                gens.append(torch.Generator(self.device).manual_seed(int(digest[:15], 16)))
+                for c in range(num_candidates):
+                    key = f"{base}\x00{k}\x00{prompt}" if c == 0 else f"{base}\x00{k}\x00{c}\x00{prompt}"
+                    digest = hashlib.sha256(key.encode()).hexdigest()
+                    gens.append(torch.Generator(self.device).manual_seed(int(digest[:15], 16)))
         return gens
 
     def prompt_ids(self, prompt: str, max_tokens: int) -> list[int]:
@@ -396,11 +405,17 @@ class MMGenerator(PreTrainedModel):
         seed: int | torch.Generator | None = 0,
         batch_size: int = 64,
         progress: bool = False,
+        num_candidates: int = 1,
     ) -> torch.Tensor:
         """Image tokens for each prompt, prompt-major (``N * num_images_per_prompt`` of them), ready
         for :meth:`decode_tokens`: codes ``(M, h, w)`` of a discrete model, or raw (denormalized)
         latents ``(M, h, w, D)`` of a diffusion-head model. The empty caption is the unconditional
         branch of classifier-free guidance.
+
+        ``num_candidates = C > 1`` samples ``C`` candidates for every image and keeps the one whose
+        prompt the model itself finds likeliest as its caption (self-reranking by :meth:`caption_scores`,
+        :mod:`ar_model.rerank`); it costs ``C`` times the sampling plus one scoring pass. Candidate 0 is
+        the image ``C = 1`` gives, and it wins ties.
 
         ``top_k``/``top_p`` apply to discrete codes; ``num_inference_steps``, ``sampler``
         ("euler" | "heun") and ``guidance_interval`` (``(lo, hi)`` in flow time: guide only the head's
@@ -419,14 +434,17 @@ class MMGenerator(PreTrainedModel):
                 "guidance_interval applies to the diffusion head's flow steps; "
                 "this model samples discrete codes"
             )
+        c = num_candidates
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueError(f"num_candidates must be an integer ≥ 1, got {c!r}")
         h, w = self._grid(height, width)
-        gens = self.image_generators(prompts, k, seed)
+        gens = self.image_generators(prompts, k, seed, c)
         max_prompt = self.config.max_position - 3 - h * w  # <boi> <h> <w> and the image follow
         device = self.device
         rows = [
             torch.tensor(self.prompt_ids(p, max_prompt), dtype=torch.long, device=device)
             for p in prompts
-            for _ in range(k)
+            for _ in range(k * c)
         ]
         common = dict(guidance_scale=guidance_scale, cfg_schedule=cfg_schedule, temperature=temperature)
         out = []
@@ -451,7 +469,28 @@ class MMGenerator(PreTrainedModel):
                     progress=progress, **common,
                 )  # fmt: skip
                 out.append(codes)
-        return torch.cat(out)
+        tokens = torch.cat(out)  # (N * k * c, h, w) or (N * k * c, h, w, D)
+        if c > 1:
+            scores = self.caption_scores(tokens, [p for p in prompts for _ in range(k * c)])  # (N * k * c,)
+            tokens = tokens[best_candidates(scores, c).to(tokens.device)]  # (N * k, ...)
+        return tokens
+
+    @torch.no_grad()
+    def caption_scores(
+        self, tokens: torch.Tensor, captions: list[str], batch_tokens: int = 8192
+    ) -> torch.Tensor:
+        """How well each caption describes its image, by the model itself: ``(N,)`` mean log-probability of
+        the caption's tokens (and ``<eos>``) after the image (CogView's Caption Score, in log; see
+        :func:`ar_model.rerank.caption_scores`). ``tokens`` as :meth:`text_to_tokens` returns them (codes
+        ``(N, h, w)`` or raw latents ``(N, h, w, D)``); :meth:`encode_images` makes them from pixels.
+        """
+        captions = check_prompts(captions)
+        cfg = self.decoder.config
+        if cfg.code_group > 1:
+            tokens = group_codes(tokens, cfg.code_group)  # (N, h, w) -> (N, h/g, w/g, g*g)
+        elif self.is_continuous:
+            tokens = self.image_tokenizer.normalize_latents(tokens).to(self.decoder.dtype)  # (N, h, w, D)
+        return caption_scores(self.decoder, self.text_tokenizer, tokens, captions, batch_tokens=batch_tokens)
 
     @torch.no_grad()
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,10 @@ ramped from 1 to CFG over the image's tokens, ``ar_model.generation.guidance_sca
 
 Each setting is scored on the shapes categories (``--n_per_category`` prompts each) and on digits
 (``--n_digits`` per digit), once per seed; a seed changes both the prompts and the sampling noise, so a
-second seed is a held-out check of a setting picked on the first. Prints one JSON line per run and seed.
+second seed is a held-out check of a setting picked on the first. ``--num_candidates 1 4`` also scores
+each setting with self-reranking (best of 4 samples by the model's own caption score, ``ar_model.rerank``);
+candidate 0 is the plain sample, so the rows of 1 and 4 share their first draws. Prints one JSON line per
+run, seed and candidate count.
 
 For a diffusion-head (continuous) model, temperature scales the initial noise, top-k/top-p do not apply,
 and ``--num_inference_steps`` / ``--sampler`` choose the head's sampler (shortcut steps, Euler or Heun).
@@ -55,6 +58,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--settings", nargs="+", default=["1.5:1.0"], help="CFG:temperature[:top_k[:top_p[:cfg_schedule]]]"
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument(
+        "--num_candidates", type=int, nargs="+", default=[1], help="best of K by caption score (1: plain)"
+    )
     p.add_argument("--n_per_category", type=int, default=100)
     p.add_argument("--n_digits", type=int, default=20)
     p.add_argument("--num_inference_steps", type=int, default=None, help="diffusion head steps (default 4)")
@@ -64,6 +70,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         settings = [parse_setting(s) for s in args.settings]
     except ValueError as e:
         p.error(f"--settings: {e}")
+    if min(args.num_candidates) < 1:
+        p.error(f"--num_candidates must be >= 1, got {args.num_candidates}")
 
     from ar_model.evaluate import evaluate_digits, evaluate_text_to_image, failed_rules
     from ar_model.generator import MMGenerator
@@ -78,8 +86,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         head = {k: defaults[k].default for k in ("num_inference_steps", "sampler")} | head
     rows = []
     for seed in args.seeds:
-        for sampling in settings:
-            sampling = {**sampling, **head}
+        for sampling, candidates in ((s, k) for s in settings for k in args.num_candidates):
+            sampling = {**sampling, **head, "num_candidates": candidates}
             t0 = time.time()
             t2i = evaluate_text_to_image(gen, n_per_category=args.n_per_category, seed=seed, **sampling)
             digits = evaluate_digits(gen, n_per_digit=args.n_digits, seed=seed, **sampling)

@@ -1,11 +1,12 @@
 """Text-to-image from the shell::
 
     python -m pipelines.generate --model DIR_OR_REPO --prompt "a red circle" --out out.png \
-        --num_images 4 --seed 0 [--guidance_scale 1.5] [--temperature 1.0] [--top_k K] [--top_p P] \
-        [--height H --width W] [--upscale 4] [--device cpu]
+        --num_images 4 --seed 0 [--guidance_scale 1.5] [--cfg_schedule constant|linear] [--temperature 1.0] \
+        [--top_k K] [--top_p P] [--num_candidates C] [--height H --width W] [--upscale 4] [--device cpu]
 
 It runs ``transformers.pipeline("text-to-image", model=...)`` and writes the images as one grid PNG
 (each image upscaled ``--upscale`` times with nearest-neighbour, so 32-pixel images stay visible).
+``--num_candidates C`` keeps, for each image, the best of ``C`` samples by the model's own caption score.
 """
 
 from __future__ import annotations
@@ -40,9 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_images", type=_positive(int, "--num_images"), default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance_scale", type=float, default=1.5)
+    p.add_argument("--cfg_schedule", choices=["constant", "linear"], default="constant")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_k", type=_positive(int, "--top_k"), default=None)
     p.add_argument("--top_p", type=float, default=None)
+    p.add_argument(
+        "--num_candidates", type=_positive(int, "--num_candidates"), default=1, help="best of C samples"
+    )
     p.add_argument("--height", type=_positive(int, "--height"), default=None)
     p.add_argument("--width", type=_positive(int, "--width"), default=None)
     p.add_argument("--upscale", type=_positive(int, "--upscale"), default=4, help="nearest-neighbour factor")
@@ -74,6 +79,8 @@ def main(argv: list[str] | None = None) -> Path:
         num_images_per_prompt=args.num_images,
         generator=args.seed,
         guidance_scale=args.guidance_scale,
+        cfg_schedule=args.cfg_schedule,
+        num_candidates=args.num_candidates,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,

@@ -151,7 +151,7 @@ VARIANTS: dict[str, Variant] = {
     "discrete": Variant(
         "fsq_8x8_joint.yaml",
         "shapes_cpu.yaml",
-        {"guidance_scale": 3.0, "cfg_schedule": "linear", "temperature": 0.8},
+        {"guidance_scale": 3.0, "cfg_schedule": "linear", "temperature": 0.8, "num_candidates": 4},
     ),
     # The diffusion head makes each decoder step ~2x dearer than a discrete one (4 noise draws per latent):
     # 200 demo steps took 261 s of a 390 s job (README, Quickstart), so the demo trains 80.
@@ -320,6 +320,11 @@ def step_evaluate_decoder(
     captions = evaluate_captions(gen, n=preset.n_captions)
     metrics = metrics_dict(t2i, digits, captions)
     metrics["sampling"] = sampling
+    if sampling.get("num_candidates", 1) > 1:  # the same prompts sampled plainly: candidate 0 of each image
+        plain = {k: v for k, v in sampling.items() if k != "num_candidates"}
+        plain_t2i = evaluate_text_to_image(gen, n_per_category=preset.n_per_category, **plain)
+        plain_digits = evaluate_digits(gen, n_per_digit=preset.n_digits, **plain)
+        metrics["plain_sampling"] = {**plain_t2i.scores, "digits": plain_digits.accuracy}
     grids = {}
     for result in (t2i, digits, captions):
         grids.update({k: v.name for k, v in sample_grids(result, out / "eval" / "grids").items()})
@@ -336,6 +341,8 @@ def _sampling_words(sampling: dict[str, Any]) -> str:
     words += f", temperature {sampling['temperature']}"
     if "num_inference_steps" in sampling:
         words += f", {sampling['num_inference_steps']} head steps"
+    if sampling.get("num_candidates", 1) > 1:
+        words += f", best of {sampling['num_candidates']} samples by the model's own caption score"
     return words
 
 
@@ -374,15 +381,18 @@ def _decoder_section(out: Path, rep: Path, metrics: dict[str, Any]) -> list[str]
     train = json.loads((out / "decoder" / "metrics.json").read_text())
     t2i = metrics["text_to_image"]
     targets = metrics["targets"]
+    plain = metrics.get("plain_sampling")  # scores without reranking, when the judged images were reranked
     rows = [
         {
             "metric": k,
             "score": v,
+            **({"plain sampling": plain.get(k, "")} if plain else {}),
             "target": targets.get(k, {}).get("target", ""),
             "met": targets.get(k, {}).get("met", ""),
         }
         for k, v in {**t2i, "digits": metrics["digits"]["accuracy"]}.items()
     ]
+    columns = ["metric", "score", *(["plain sampling"] if plain else []), "target", "met"]
     cap = metrics["captions"]
     md = [
         "## Stage 2: decoder",
@@ -395,7 +405,7 @@ def _decoder_section(out: Path, rep: Path, metrics: dict[str, Any]) -> list[str]
         "",
         f"### Text-to-image, judged ({_sampling_words(metrics['sampling'])})",
         "",
-        markdown_table(rows, ["metric", "score", "target", "met"]),
+        markdown_table(rows, columns),
         "",
         *_failure_table(metrics.get("text_to_image_failures", {})),
         *[
@@ -491,6 +501,7 @@ def record_metrics_in_card(model_dir: Path, tokenizer: dict[str, Any], decoder: 
             "digits_accuracy": decoder["digits"]["accuracy"],
             "captions": decoder["captions"],
             "sampling": decoder.get("sampling", {}),
+            **({"plain_sampling": decoder["plain_sampling"]} if "plain_sampling" in decoder else {}),
         },
         "tokenizer": {name: {k: m[k] for k in ("psnr", "ssim") if k in m} for name, m in tokenizer.items()},
     }

@@ -23,6 +23,7 @@ __all__ = ["TextToImagePipeline"]
 
 _CALL_KEYS = (
     "num_images_per_prompt",
+    "num_candidates",
     "guidance_scale",
     "cfg_schedule",
     "temperature",
@@ -52,6 +53,9 @@ class TextToImagePipeline(MMPipeline):
 
     * ``num_images_per_prompt`` (1), ``guidance_scale`` (1.5; 1 = no guidance, ≥ 0),
       ``cfg_schedule`` ("constant" | "linear"), ``temperature`` (1.0), ``top_k``, ``top_p``;
+    * ``num_candidates`` (1): sample this many candidates per image and keep the one whose prompt the model
+      itself finds likeliest as its caption (self-reranking, :mod:`ar_model.rerank`; costs that many
+      times the sampling);
     * ``height``, ``width``: pixels, a multiple of the tokenizer's factor (default: the training size);
     * ``generator``: a ``torch.Generator`` or an int seed (None: drawn from torch's global RNG);
     * ``batch_size`` (16) rows per forward pass; ``progress_bar`` (True) shows a tqdm bar per batch;

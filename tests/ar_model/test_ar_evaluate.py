@@ -51,8 +51,19 @@ class OracleGenerator:
         self.captions = {s.image.tobytes(): s.caption for s in held_out}
 
     def text_to_image(
-        self, prompts, *, guidance_scale=3.0, temperature=1.0, top_k=None, top_p=None, seed=0, batch_size=64
+        self,
+        prompts,
+        *,
+        guidance_scale=3.0,
+        cfg_schedule="constant",
+        temperature=1.0,
+        top_k=None,
+        top_p=None,
+        num_candidates=1,
+        seed=0,
+        batch_size=64,
     ):
+        self.last_sampling = {"cfg_schedule": cfg_schedule, "num_candidates": num_candidates}
         images = []
         for i, prompt in enumerate(prompts):
             try:
@@ -216,7 +227,12 @@ def test_cli_writes_metrics_and_grids(tmp_path, monkeypatch, oracle, capsys):
         "--n_digits_per_class",
         "2",
     ]
-    metrics = main([*argv, "--n_captions", "5", "--grids", str(tmp_path / "grids"), "--top_k", "5"])
+    metrics = main(
+        [*argv, "--n_captions", "5", "--grids", str(tmp_path / "grids"), "--top_k", "5"]
+        + ["--num_candidates", "3", "--cfg_schedule", "linear"]
+    )
+    assert oracle.last_sampling == {"cfg_schedule": "linear", "num_candidates": 3}  # passed to the generator
+    assert metrics["sampling"]["num_candidates"] == 3 and metrics["sampling"]["cfg_schedule"] == "linear"
     assert loaded == [str(model_dir)]
     assert json.loads(out.read_text()) == metrics
     assert metrics["targets"]["single"]["met"] and metrics["targets"]["digits"]["met"]
@@ -224,7 +240,8 @@ def test_cli_writes_metrics_and_grids(tmp_path, monkeypatch, oracle, capsys):
     assert (tmp_path / "grids" / "t2i_count.png").is_file()
     assert "t2i single" in capsys.readouterr().out
 
-    for bad in (["--n_per_category", "0"], ["--temperature", "0"], ["--top_p", "1.5"], ["--top_k", "0"]):
+    bad_args = (["--n_per_category", "0"], ["--temperature", "0"], ["--top_p", "1.5"], ["--top_k", "0"])
+    for bad in (*bad_args, ["--num_candidates", "0"], ["--cfg_schedule", "cosine"]):
         with pytest.raises(SystemExit):
             main([*argv, *bad])
     with pytest.raises(SystemExit):

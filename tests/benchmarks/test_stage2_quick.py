@@ -43,11 +43,14 @@ def test_stage2_targets_quick(tmp_path):
     # the sampling sweep on the trained folder, with every setting field
     sweep = _load("stage2_sampling_sweep").main(
         ["--model", str(tmp_path / "runs" / "target" / "final"),
-         "--settings", "1.5:1.0", "2.0:0.8:5:0.9:linear", "--n_per_category", "1", "--n_digits", "1"]
+         "--settings", "1.5:1.0", "2.0:0.8:5:0.9:linear", "--n_per_category", "1", "--n_digits", "1",
+         "--num_candidates", "1", "2"]
     )  # fmt: skip
-    assert [(r["cfg"], r["top_k"], r["top_p"], r["cfg_schedule"]) for r in sweep] == [
-        (1.5, None, None, "constant"),
-        (2.0, 5, 0.9, "linear"),
+    assert [(r["cfg"], r["top_k"], r["top_p"], r["cfg_schedule"], r["num_candidates"]) for r in sweep] == [
+        (1.5, None, None, "constant", 1),
+        (1.5, None, None, "constant", 2),
+        (2.0, 5, 0.9, "linear", 1),
+        (2.0, 5, 0.9, "linear", 2),
     ]
     assert all(0 <= r["single"] <= 1 and 0 <= r["digits"] <= 1 for r in sweep)
     assert set(sweep[0]["single_fails"]) == {"color", "shape", "count", "size", "position"}
@@ -61,6 +64,8 @@ def test_stage2_targets_quick(tmp_path):
             assert r[f"gap_{key}"] == pytest.approx(r[f"heldout_{key}"] - r[f"train_{key}"], abs=2e-4)
     with pytest.raises(SystemExit):
         _load("stage2_generalization_gap").main(["--run", str(tmp_path / "runs" / "target"), "--n", "0"])
+    with pytest.raises(SystemExit):
+        _load("stage2_sampling_sweep").main(["--model", "unused", "--num_candidates", "0"])
     with pytest.raises(SystemExit):  # diffusion-head options on a code model are refused, not ignored
         _load("stage2_sampling_sweep").main(
             ["--model", str(tmp_path / "runs" / "target" / "final"), "--num_inference_steps", "8"]

@@ -40,6 +40,8 @@ def test_a_fresh_process_loads_the_folder_and_writes_the_grid(model_dir, tmp_pat
         (["--guidance_scale", "-2"], "--guidance_scale must be ≥ 0"),
         (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
         (["--height", "abc"], "--height must be a int"),
+        (["--num_candidates", "0"], "--num_candidates must be ≥ 1"),
+        (["--cfg_schedule", "cosine"], "invalid choice: 'cosine'"),
     ],
 )
 def test_bad_arguments_are_refused_before_loading(argv, message, capsys, tmp_path):
@@ -58,3 +60,16 @@ def test_bad_arguments_are_refused_before_loading(argv, message, capsys, tmp_pat
 def test_a_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises((OSError, ValueError), match="nowhere"):
         main(["--model", str(tmp_path / "nowhere"), "--prompt", "a", "--out", str(tmp_path / "o.png")])
+
+
+def test_reranking_and_the_cfg_schedule_reach_the_pipeline(model_dir, tmp_path):
+    out = tmp_path / "best.png"
+    argv = ["--model", str(model_dir), "--prompt", "a red circle", "--out", str(out), "--num_images", "1"]
+    main([*argv, "--num_candidates", "3", "--cfg_schedule", "linear", "--guidance_scale", "2", "--upscale=1"])
+    gen = MMGenerator.from_pretrained(model_dir)
+    kw = dict(seed=0, guidance_scale=2.0, cfg_schedule="linear")
+    best = gen.text_to_image(["a red circle"], num_candidates=3, **kw)[0].permute(1, 2, 0).numpy()
+    grid = np.asarray(Image.open(out))
+    assert np.array_equal(grid[2:34, 2:34], best)
+    plain = gen.text_to_image(["a red circle"], **kw)[0].permute(1, 2, 0).numpy()
+    assert not np.array_equal(best, plain)  # with this model and seed another candidate wins

@@ -34,6 +34,10 @@ def test_quickstart_smoke_runs_end_to_end_and_resumes(tmp_path, capfd):
     assert set(failures) == set(decoder["text_to_image"]) - {"overall"}
     assert all(abs(sum(v[k] for k in v if k.startswith("objects_")) - 1) < 1e-9 for v in failures.values())
     assert "Why images fail" in text and "| fails_count |" in text
+    # the judged images are the best of 4 by caption score; the same prompts sampled plainly sit beside them
+    assert decoder["sampling"]["num_candidates"] == 4 and "best of 4 samples" in text
+    assert set(decoder["plain_sampling"]) == set(decoder["text_to_image"]) | {"digits"}
+    assert "| metric | score | plain sampling | target | met |" in text
     from transformers import pipeline
 
     import pipelines  # noqa: F401  (registers the task)
@@ -137,3 +141,6 @@ def test_report_names_how_images_were_sampled():
     assert _sampling_words(linear) == "CFG 3.0 (linear schedule), temperature 0.8"
     head = {"guidance_scale": 4.0, "temperature": 1.2, "num_inference_steps": 4}
     assert _sampling_words(head) == "CFG 4.0, temperature 1.2, 4 head steps"
+    best = {**linear, "num_candidates": 4}
+    assert _sampling_words(best).endswith("0.8, best of 4 samples by the model's own caption score")
+    assert _sampling_words({**linear, "num_candidates": 1}) == _sampling_words(linear)

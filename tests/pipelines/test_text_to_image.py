@@ -119,3 +119,40 @@ def test_num_inference_steps_is_ignored_with_a_warning_by_a_discrete_model(t2i):
         a = t2i("a red circle", generator=0, num_inference_steps=4, progress_bar=False)
     b = t2i("a red circle", generator=0, progress_bar=False)
     assert (np.asarray(a[0]["image"]) == np.asarray(b[0]["image"])).all()
+
+
+def test_num_candidates_keeps_the_candidate_with_the_best_caption_score(t2i, monkeypatch):
+    gen = t2i.model
+    prompts = ["a red circle", "two blue squares left of a yellow triangle"]
+    kw = dict(guidance_scale=2.0, temperature=1.0, seed=4)
+    seen = {}
+    real = type(gen).caption_scores
+
+    def spy(self, tokens, captions, **k):  # the real scorer, its inputs and outputs kept
+        seen["tokens"], seen["captions"] = tokens.clone(), list(captions)
+        seen["scores"] = real(self, tokens, captions, **k)
+        return seen["scores"]
+
+    monkeypatch.setattr(type(gen), "caption_scores", spy)
+    best = gen.text_to_tokens(prompts, num_images_per_prompt=2, num_candidates=3, **kw)  # (4, h, w)
+    assert best.shape[0] == 4 and seen["tokens"].shape[0] == 12
+    assert seen["captions"] == [p for p in prompts for _ in range(6)]
+    groups = seen["scores"].view(4, 3)
+    candidates = seen["tokens"].view(4, 3, *best.shape[1:])
+    assert torch.equal(best, candidates[torch.arange(4), groups.argmax(1)])
+    # candidate 0 of every image is the plain sample; the other candidates are other draws
+    plain = gen.text_to_tokens(prompts, num_images_per_prompt=2, **kw)
+    assert torch.equal(candidates[:, 0], plain)
+    assert all(not torch.equal(candidates[i, 0], candidates[i, 1]) for i in range(4))
+    assert torch.equal(gen.text_to_tokens(prompts, num_images_per_prompt=2, num_candidates=1, **kw), plain)
+    # through the pipeline: the reranked images, and the same for a prompt alone
+    out = _arrays(t2i(prompts[0], num_images_per_prompt=2, num_candidates=3, generator=4, guidance_scale=2.0,
+                      temperature=1.0, progress_bar=False))  # fmt: skip
+    pixels = gen.decode_tokens(best[:2]).permute(0, 2, 3, 1).numpy()  # (2, H, W, 3)
+    assert all((x == y).all() for x, y in zip(out, pixels))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_num_candidates_must_be_a_positive_integer(t2i, bad):
+    with pytest.raises(ValueError, match="num_candidates"):
+        t2i("a red circle", num_candidates=bad, progress_bar=False)
