@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             t0 = time.time()
             t2i = evaluate_text_to_image(gen, n_per_category=args.n_per_category, seed=seed, **sampling)
             digits = evaluate_digits(gen, n_per_digit=args.n_digits, seed=seed, **sampling)
-            row = {"bench": "stage2_sampling_sweep", "seed": seed, "cfg": sampling["guidance_scale"]}
+            row = {"bench": "stage2_sampling_sweep", "model": args.model, "seed": seed}
+            row["cfg"] = sampling["guidance_scale"]
             row.update({k: v for k, v in sampling.items() if k != "guidance_scale"})
             row.update({k: round(v, 3) for k, v in t2i.scores.items()})
             row.update({"digits": round(digits.accuracy, 3), "seconds": round(time.time() - t0, 1)})
