@@ -30,20 +30,13 @@ from ar_model.text_tokenizer import TextTokenizer
 __all__ = ["best_candidates", "caption_scores"]
 
 
-def _image_token_id(cfg) -> int | None:
-    """The placeholder id a grouped-code or continuous image sits at (None for plain codes)."""
-    if cfg.code_group > 1:
-        return cfg.group_token_id
-    if cfg.latent_dim:
-        return cfg.latent_token_id
-    return None
-
-
 def _documents(
     model, text_tokenizer: TextTokenizer, images: Sequence[torch.Tensor], captions: Sequence[str]
 ) -> list[dict[str, torch.Tensor]]:
     """Per-token tensors of each image→caption document, with ``score``: the label positions to read."""
     cfg = model.config
+    # grouped codes and latents sit at a placeholder id; plain codes have none (both properties None)
+    image_token_id = cfg.group_token_id if cfg.group_token_id is not None else cfg.latent_token_id
     docs = []
     for image, caption in zip(images, captions, strict=True):
         seq = build_sequence(
@@ -51,7 +44,7 @@ def _documents(
             text_tokenizer,
             scheme=cfg.rope_scheme,
             code_offset=cfg.code_offset,
-            image_token_id=_image_token_id(cfg),
+            image_token_id=image_token_id,
             max_len=cfg.max_position,
         )
         doc = seq.as_document()
@@ -101,11 +94,7 @@ def caption_scores(
 def _score_row(model, docs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     """Mean log-probability of each document's scored labels, the documents packed into one row."""
     lengths = [d["input_ids"].shape[0] for d in docs]
-    pieces, cursor = [], 0
-    for i, n in enumerate(lengths):
-        pieces.append((i, 0, n))
-        cursor += n
-    plan = PackPlan(rows=[pieces], max_len=cursor, lengths=lengths)
+    plan = PackPlan(rows=[[(i, 0, n) for i, n in enumerate(lengths)]], max_len=sum(lengths), lengths=lengths)
     batch = build_packed_batch(docs, plan, pad_id=model.config.pad_id)
     t = batch.tensors
     device = model.device
