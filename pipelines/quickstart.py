@@ -289,6 +289,7 @@ def step_decoder(
         "-m", "ar_model.train", "--config", str(DECODER_CONFIG_DIR / preset.decoder_config),
         "--tokenizer", str(tokenizer_dir), "--output_dir", str(run), "--resume", "true",
         "--train_data", json.dumps([str(data_paths["shapes"]), str(data_paths["digits"])]),
+        "--train_nums", json.dumps([preset.shapes_num, preset.digits_num]),  # all the data step built
         "--val_data", json.dumps(["shapes", "digits"]),
         *(["--max_steps", str(preset.decoder_steps)] if preset.decoder_steps else []),
         *preset.decoder_overrides,

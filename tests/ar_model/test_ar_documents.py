@@ -83,7 +83,10 @@ def test_packed_rows_hold_whole_documents_with_their_own_labels(text_tokenizer, 
         ids = doc["input_ids"]
         assert len(ids) == corpus.length(spec)
         assert doc["labels"][-1] == IGNORE_INDEX  # nothing is predicted across a boundary
-        assert torch.equal(doc["labels"][:-1], ids[1:])
+        targets = ids[1:].clone()
+        if spec.drop_caption:  # an unconditional document's <eos> is not a target (see below)
+            targets[-1] = IGNORE_INDEX
+        assert torch.equal(doc["labels"][:-1], targets)
         codes = ids[doc["modality"] == 1] - CODE_OFFSET
         assert torch.equal(codes.view(h, w), corpus.codes[spec.sample])
         text = ids[doc["modality"] == 0]
@@ -202,3 +205,24 @@ def test_grouped_corpus_documents_carry_code_groups(text_tokenizer, captions):
         at = doc["input_ids"] == CODE_OFFSET  # the placeholder
         assert doc["input_ids"].shape[0] == corpus.length(spec) and int(at.sum()) == 16
         assert torch.equal(doc["code_groups"][at], codes[2].reshape(16, 4))
+
+
+def test_no_document_teaches_an_empty_caption_after_an_image(text_tokenizer, captions):
+    """A caption-dropped text-to-image document reads ``<bos> <boi> <h> <w> codes <eoi> <eos>``, exactly as an
+    image-to-text document does up to ``<eoi>``. Its ``<eos>`` must not be a target, or the model learns
+    that a caption may be empty and greedy captioning stops at once; every other label is kept."""
+    corpus = _corpus(text_tokenizer, captions)
+    specs = plan_epoch(len(corpus), 0, 0, t2i_fraction=0.5, caption_drop=0.5)
+    assert {(s.task, s.drop_caption) for s in specs} == {(T2I, True), (T2I, False), (I2T, False)}
+    eos, eoi = text_tokenizer.eos_id, text_tokenizer.eoi_id
+    for spec in specs:
+        doc = corpus.document(spec, "rope_tv", CODE_OFFSET)
+        ids, labels = doc["input_ids"], doc["labels"]
+        at_eoi = int((ids == eoi).nonzero()[0])
+        image_first = (doc["modality"][:at_eoi] == 0).sum() == 4  # <bos> <boi> <h> <w> before the codes
+        if image_first:
+            assert labels[at_eoi] != eos, spec  # after an unconditioned image comes a caption
+        else:
+            assert labels[at_eoi] == eos  # a captioned text-to-image document still ends
+        ignored = (labels == IGNORE_INDEX).nonzero().flatten().tolist()
+        assert ignored == ([at_eoi] if spec.drop_caption else []) + [len(ids) - 1]

@@ -144,3 +144,26 @@ def test_report_names_how_images_were_sampled():
     best = {**linear, "num_candidates": 4}
     assert _sampling_words(best).endswith("0.8, best of 4 samples by the model's own caption score")
     assert _sampling_words({**linear, "num_candidates": 1}) == _sampling_words(linear)
+
+
+def test_decoder_trains_on_all_the_data_the_job_built(tmp_path, monkeypatch):
+    """The decoder's --train_nums are the data step's sizes (a config's smaller train_nums would silently
+    read only the first part of the shards), and the default presets build what their decoder configs
+    were measured with."""
+    import subprocess
+
+    import yaml
+
+    from pipelines.quickstart import DECODER_CONFIG_DIR, resolve_preset, step_decoder
+
+    commands = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: commands.append(cmd))
+    data = {"shapes": tmp_path / "s", "digits": tmp_path / "d"}
+    for variant in ("discrete", "continuous"):
+        preset = resolve_preset("default", variant)
+        step_decoder(tmp_path / variant, preset, data, tmp_path / "tok")
+        cmd = commands[-1]
+        nums = json.loads(cmd[cmd.index("--train_nums") + 1])
+        assert nums == [preset.shapes_num, preset.digits_num]
+        config = yaml.safe_load((DECODER_CONFIG_DIR / preset.decoder_config).read_text())
+        assert config["train_nums"] == nums, variant
