@@ -8,8 +8,8 @@ image), so a packed batch carries ``latents (rows, max_len, D)`` aligned with it
 
 * text-to-image ``<bos> caption <boi> <h> <w> codes <eoi> <eos>`` with probability ``t2i_fraction``;
   its caption is dropped to empty with probability ``caption_drop`` (the unconditional branch of
-  classifier-free guidance, Ho & Salimans 2022), and then its ``<eos>`` is not a target: such a document
-  reads exactly as an image-to-text one up to ``<eoi>``, where a caption must follow;
+  classifier-free guidance, Ho & Salimans 2022), and then its ``<eos>`` is not a target (``build_sequence``):
+  such a document reads exactly as an image-to-text one up to ``<eoi>``, where a caption must follow;
 * image-to-text ``<bos> <boi> <h> <w> codes <eoi> caption <eos>`` otherwise.
 
 Both cost ``len(caption) + h·w + 6`` tokens. An epoch's documents (order, direction, drops) are drawn
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ar_model.packing import IGNORE_INDEX, PackPlan, TokenBatch, build_packed_batch, pack_documents
+from ar_model.packing import PackPlan, TokenBatch, build_packed_batch, pack_documents
 from ar_model.sequence import build_sequence, image_to_text_document, text_to_image_document
 from ar_model.text_tokenizer import TextTokenizer
 
@@ -128,11 +128,6 @@ class CodesCorpus:
             drop_caption=spec.drop_caption,
         )
         doc = seq.as_document()
-        if spec.drop_caption:
-            # <bos> <boi> <h> <w> codes <eoi> <eos> starts exactly as an image-to-text document does, so
-            # its <eos> would teach the model to end every caption before it starts (with the default
-            # fractions, 0.85 · 0.1 of documents against 0.15: p(<eos> | image) ≈ 0.36). It is not a target.
-            doc["labels"][-2] = IGNORE_INDEX
         doc["task"] = torch.full((len(seq),), spec.task, dtype=torch.long)
         return doc
 

@@ -121,7 +121,10 @@ def build_sequence(
     * grouped codes ``(h, w, G)`` likewise put ``image_token_id`` at their positions and are returned in
       ``code_groups`` (the code-group head predicts them);
     * ``drop_caption=True`` replaces every text segment by empty text (the unconditional rows of
-      classifier-free guidance; the caller picks which documents, e.g. 10%);
+      classifier-free guidance; the caller picks which documents, e.g. 10%); if the document then ends
+      ``<eoi> <eos>``, that ``<eos>`` is not a target: up to ``<eoi>`` it reads exactly as an image→caption
+      document, where a caption must follow (else, with 85% caption→image documents, 10% of them dropped,
+      ``p(<eos> | image) ≈ 0.085 / (0.085 + 0.15) ≈ 0.36`` and captions come out empty);
     * with ``max_len``, an image grid that cannot fit (with <bos>, <eos> and its 4 specials) is a
       ValueError, and text beyond the remaining budget is cut from the end with a warning.
     """
@@ -227,6 +230,8 @@ def build_sequence(
     modality_t = torch.cat(modality)  # (n,)
     labels = torch.full_like(input_ids, IGNORE_INDEX)  # (n,)
     labels[:-1] = input_ids[1:]
+    if drop_caption and len(input_ids) > 1 and input_ids[-2] == tok.eoi_id:
+        labels[-2] = IGNORE_INDEX  # the unconditional image's closing <eos> (see the docstring)
     latents_t = torch.cat(latents) if latents else None  # (n_latent_tokens, c)
     groups_t = torch.cat(groups) if groups else None  # (n_image_tokens, G)
     seq = Sequence(

@@ -68,6 +68,9 @@ def test_empty_caption_and_drop_caption(text_tokenizer: TextTokenizer) -> None:
     expected = [1, 4, text_tokenizer.h_token(1), text_tokenizer.w_token(1), codes.item() + off, 5, 2]
     assert empty.input_ids.tolist() == dropped.input_ids.tolist() == expected
     assert torch.equal(empty.positions, dropped.positions)
+    # a dropped caption's closing <eos> is not a target (it would read as an empty caption of the image)
+    assert empty.labels[-2] == 2 and dropped.labels[-2] == IGNORE_INDEX
+    assert torch.equal(empty.labels[:-2], dropped.labels[:-2])
     text_only = build_sequence([("text", "")], text_tokenizer)
     assert text_only.input_ids.tolist() == [1, 2] and text_only.labels.tolist() == [2, IGNORE_INDEX]
 
