@@ -266,11 +266,18 @@ class MMGenerator(PreTrainedModel):
         fingerprint is in ``mm_generator.json``); otherwise a clear error names what is wrong.
         ``dtype``: e.g. ``torch.bfloat16`` for the decoder ("auto"/None: as saved, fp32).
         """
-        # Arguments transformers.pipeline() passes to every model class; none changes what loads here.
-        for key in ("_from_pipeline", "trust_remote_code", "code_revision", "config", "use_safetensors"):
+        # Arguments transformers.pipeline() and the Auto classes pass to every model class; none changes
+        # what loads here.
+        for key in (
+            "_from_pipeline", "_from_auto", "trust_remote_code", "code_revision", "config", "use_safetensors",
+        ):  # fmt: skip
             kwargs.pop(key, None)
         if kwargs.pop("adapter_kwargs", None):
             raise ValueError("MMGenerator folders carry no PEFT adapters (adapter_kwargs must be empty)")
+        if kwargs.pop("proxies", None):
+            raise ValueError("MMGenerator.from_pretrained takes no proxies: set HTTPS_PROXY instead")
+        force_download = bool(kwargs.pop("force_download", False))
+        subfolder = kwargs.pop("subfolder", None) or ""
         device_map = kwargs.pop("device_map", None)
         if kwargs:
             raise TypeError(f"MMGenerator.from_pretrained: unexpected arguments {sorted(kwargs)}")
@@ -284,7 +291,12 @@ class MMGenerator(PreTrainedModel):
             token=token,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
+            force_download=force_download,
         )
+        if subfolder:  # a folder inside the local folder or the repo
+            path = path / subfolder
+            if not path.is_dir():
+                raise FileNotFoundError(f"no subfolder {subfolder!r} in {pretrained_model_name_or_path}")
         missing = [name for name in REQUIRED if not (path / name).exists()]
         if missing:
             raise FileNotFoundError(

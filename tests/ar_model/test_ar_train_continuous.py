@@ -223,7 +223,10 @@ def test_two_process_continuous_run_keeps_ranks_identical(tmp_path, tokenizer_di
 
 
 def test_the_shipped_config_mirrors_the_discrete_one(tokenizer_dir):
-    """ar_model/configs/shapes_kl_cpu.yaml: shapes_cpu.yaml's trunk, data and steps, plus a diffusion head."""
+    """ar_model/configs/shapes_kl_cpu.yaml: shapes_cpu.yaml's trunk, data and schedule, plus a diffusion head.
+
+    Only the step count may differ: the continuous results were measured at 1,800 steps, the discrete
+    config trains 1,500 to fit its 25-minute budget (README, Stage 2)."""
     import yaml
 
     root = Path(__file__).resolve().parents[2] / "ar_model" / "configs"
@@ -232,8 +235,9 @@ def test_the_shipped_config_mirrors_the_discrete_one(tokenizer_dir):
     for key, value in discrete.items():
         if key == "model":
             assert {k: kl["model"][k] for k in value} == value
-        elif key not in ("output_dir", "guidance_scale"):  # CFG on codes and on velocities is tuned apart
+        elif key not in ("output_dir", "guidance_scale", "max_steps"):  # CFG on codes/velocities tuned apart
             assert kl[key] == value, key
+    assert kl["max_steps"] >= discrete["max_steps"]
     cfg = ar_train.parse_args(
         ["--config", str(root / "shapes_kl_cpu.yaml"), "--tokenizer", str(tokenizer_dir)]
     )

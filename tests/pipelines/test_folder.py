@@ -33,6 +33,20 @@ def test_save_load_generate_is_identical(gen, tmp_path):
     assert isinstance(auto, MMGenerator) and torch.equal(auto.text_to_image(["a red circle"], seed=4), a[:1])
 
 
+def test_auto_class_arguments_subfolder_and_proxies(gen, tmp_path):
+    """transformers' Auto classes pass subfolder/force_download/proxies: a subfolder is honoured (as in a
+    repo holding several models), proxies are refused clearly rather than silently ignored."""
+    gen.save_pretrained(tmp_path / "repo" / "t2i")
+    auto = AutoModelForImageTextToText.from_pretrained(tmp_path / "repo", subfolder="t2i")
+    assert isinstance(auto, MMGenerator)
+    prompt = ["a red circle"]
+    assert torch.equal(auto.text_to_image(prompt, seed=4), gen.text_to_image(prompt, seed=4))
+    with pytest.raises(FileNotFoundError, match="no subfolder 'nope'"):
+        MMGenerator.from_pretrained(tmp_path / "repo", subfolder="nope")
+    with pytest.raises(ValueError, match="HTTPS_PROXY"):
+        MMGenerator.from_pretrained(tmp_path / "repo" / "t2i", proxies={"https": "http://proxy:3128"})
+
+
 def test_the_model_card_records_data_steps_metrics_and_samples(gen, model_dir, tmp_path):
     card = (model_dir / "README.md").read_text()
     header = card.split("---")[1]
