@@ -15,7 +15,8 @@ tokens), so :func:`ar_model.positions.multimodal_positions` gives every position
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -302,8 +303,25 @@ def _as_rows(prompts: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tenso
     return [torch.as_tensor(p, dtype=torch.long) for p in prompts]
 
 
+def _inference(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Run a sampling loop under :func:`torch.inference_mode` and return a normal tensor.
+
+    Inference mode drops autograd's view tracking and version counters, which no_grad keeps: 1-9% of the
+    generation time on CPU (README, Stage 2, "Speed"). Its tensors may not be saved for backward later, so
+    the result is cloned outside it: callers can train on generated tokens.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> torch.Tensor:
+        with torch.inference_mode():
+            out = fn(*args, **kwargs)
+        return out.clone()
+
+    return wrapper
+
+
 # ----------------------------------------------------------------------------- text
-@torch.no_grad()
+@_inference
 def generate_tokens(
     model,
     prompt_ids: torch.Tensor | Sequence[torch.Tensor],
@@ -415,7 +433,7 @@ def _image_rows(
     return ids, positions
 
 
-@torch.no_grad()
+@_inference
 def generate_image_codes(
     model,
     prompts: torch.Tensor | Sequence[torch.Tensor],

@@ -48,6 +48,22 @@ def test_text_cached_equals_uncached_and_per_row(text_tokenizer: TextTokenizer) 
         assert torch.equal(alone[0], cached[r])
 
 
+def test_generated_ids_are_normal_tensors_that_can_be_trained_on(text_tokenizer: TextTokenizer) -> None:
+    """Sampling runs under inference mode; what it returns must still feed a training step (inference
+    tensors cannot be saved for backward), with the same values as under no_grad."""
+    model = _model(text_tokenizer)
+    prompts = _prompts(text_tokenizer)
+    tokens = generate_tokens(model, prompts, None, 5, eos_id=-1)
+    codes = generate_image_codes(model, prompts, 2, 2)
+    for out in (tokens, codes):
+        assert not out.is_inference()
+    model.train()
+    ids = torch.cat([tokens, codes.flatten(1)], dim=1)  # (b, 5 + 4)
+    model(input_ids=ids, labels=ids).loss.backward()  # raises on an inference tensor saved for backward
+    assert model.model.embed_tokens.weight.grad is not None
+    model.eval()
+
+
 def test_text_generation_continues_after_an_image(text_tokenizer: TextTokenizer) -> None:
     """A caption after an image: the new tokens' positions continue the prompt's multimodal positions."""
     model = _model(text_tokenizer)
