@@ -54,9 +54,14 @@ def test_generated_ids_are_normal_tensors_that_can_be_trained_on(text_tokenizer:
     model = _model(text_tokenizer)
     prompts = _prompts(text_tokenizer)
     tokens = generate_tokens(model, prompts, None, 5, eos_id=-1)
-    codes = generate_image_codes(model, prompts, 2, 2)
+    codes = generate_image_codes(model, prompts, 2, 2, generator=torch.Generator().manual_seed(0))
     for out in (tokens, codes):
         assert not out.is_inference()
+    with torch.no_grad():  # the same ids as the loops under plain no_grad
+        assert torch.equal(tokens, generate_tokens.__wrapped__(model, prompts, None, 5, eos_id=-1))
+        seeded = torch.Generator().manual_seed(0)
+        again = generate_image_codes.__wrapped__(model, prompts, 2, 2, generator=seeded)
+        assert torch.equal(codes, again)
     model.train()
     ids = torch.cat([tokens, codes.flatten(1)], dim=1)  # (b, 5 + 4)
     model(input_ids=ids, labels=ids).loss.backward()  # raises on an inference tensor saved for backward
