@@ -39,12 +39,14 @@ def test_fsq_index_round_trip_is_exact(levels: list[int], data) -> None:
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 64), st.integers(2, 8), st.sampled_from(["l2", "cosine"]), st.integers(0, 2**31 - 1))
 @example(codebook_size=52, dim=2, distance="cosine", seed=50)  # codes 49 and 51 tie in fp32
+@example(codebook_size=54, dim=2, distance="cosine", seed=78778)  # codes 17 and 45 pick each other
 def test_vq_index_round_trip_is_exact(codebook_size: int, dim: int, distance: str, seed: int) -> None:
     """Each code is its own nearest code (dim ≥ 2: in 1-D every positive code has the same
     direction, so cosine distance cannot tell them apart), unless another code is numerically
-    indistinguishable from it: fp32 cannot order distances that close (hypothesis found two 2-D cosine
-    codes 2e-4 apart, whose similarities to one of them both round to 1.0), and then a tie goes to
-    the lower index."""
+    indistinguishable from it: fp32 cannot order distances that close. Hypothesis found two 2-D cosine
+    codes 2e-4 apart whose similarities to one of them both round to 1.0 (a tie, which goes to the lower
+    index), and a pair where each code's fp32 similarity to the other came out above its own (each picks
+    the other), so a swap is only required to be between indistinguishable codes."""
     vq = VectorQuantizer(codebook_size, dim, distance=distance, kmeans_init=False)
     with torch.no_grad():  # distinct random codes (the EMA buffers start equal otherwise)
         codes = torch.randn(codebook_size, dim, generator=torch.Generator().manual_seed(seed))
@@ -64,7 +66,6 @@ def test_vq_index_round_trip_is_exact(codebook_size: int, dim: int, distance: st
         else:
             gap = (a - b).pow(2).sum(-1)  # (m,)
             assert (gap < 1e-4 * dim).all(), gap
-        assert (got[swapped] < idx[swapped]).all()
 
 
 segment_st = st.one_of(
