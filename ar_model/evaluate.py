@@ -86,6 +86,8 @@ class T2IResult:
     correct: dict[str, list[bool]] = field(default_factory=dict)
     # category -> share of images failing each judge rule, and the share with each detected-object count
     rules: dict[str, dict[str, float]] = field(default_factory=dict)
+    # with plain=True: the scores of plain sampling (candidate 0 of each best-of-C image), as ``scores``
+    plain_scores: dict[str, float] = field(default_factory=dict)
 
 
 JUDGE_RULES: tuple[str, ...] = ("color_ok", "shape_ok", "count_ok", "size_ok", "position_ok")
@@ -120,6 +122,7 @@ class DigitsResult:
     classifier_test_accuracy: float
     labels: list[int] = field(default_factory=list)
     predictions: list[int] = field(default_factory=list)
+    plain_accuracy: float | None = None  # with plain=True: plain sampling's accuracy
 
 
 @dataclass
@@ -153,16 +156,39 @@ class CaptionResult:
         }
 
 
-def _generate(gen: MMGeneratorLike, prompts: list[str], seed: int, sampling: dict[str, Any]) -> torch.Tensor:
-    """`gen.text_to_image`, checked: uint8 (len(prompts), 3, R, R) on the CPU."""
-    images = gen.text_to_image(prompts, seed=seed, **sampling)
+def _check_images(gen: MMGeneratorLike, images: torch.Tensor, n: int) -> torch.Tensor:
     res = gen.resolution
-    if images.dtype != torch.uint8 or tuple(images.shape) != (len(prompts), 3, res, res):
-        raise ValueError(
-            f"text_to_image must return uint8 ({len(prompts)}, 3, {res}, {res}), "
-            f"got {images.dtype} {tuple(images.shape)}"
-        )
+    if images.dtype != torch.uint8 or tuple(images.shape) != (n, 3, res, res):
+        found = f"{images.dtype} {tuple(images.shape)}"
+        raise ValueError(f"text_to_image must return uint8 ({n}, 3, {res}, {res}), got {found}")
     return images.cpu()
+
+
+def _generate(
+    gen: MMGeneratorLike, prompts: list[str], seed: int, sampling: dict[str, Any], plain: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`gen.text_to_image`, checked: uint8 (len(prompts), 3, R, R) on the CPU; with ``plain``, also the
+    images plain sampling gives (``num_candidates`` 1), else None.
+
+    Best-of-C sampling keeps candidate 0 of every image, which is the plain sample, so a generator with
+    ``text_to_token_candidates`` (MMGenerator) yields both from one pass; others sample twice.
+    """
+    c = sampling.get("num_candidates", 1)
+    if plain and c > 1 and hasattr(gen, "text_to_token_candidates"):
+        from ar_model.rerank import best_candidates
+
+        tokens, scores = gen.text_to_token_candidates(prompts, seed=seed, **sampling)  # (M, C, ...), (M, C)
+        best = best_candidates(scores.flatten(), c).to(tokens.device)  # (M,) into the M * C candidates
+        images = gen.decode_tokens(tokens.flatten(0, 1)[best])
+        first = gen.decode_tokens(tokens[:, 0])
+        return _check_images(gen, images, len(prompts)), _check_images(gen, first, len(prompts))
+    images = _check_images(gen, gen.text_to_image(prompts, seed=seed, **sampling), len(prompts))
+    if not plain:
+        return images, None
+    if c == 1:
+        return images, images
+    one = {k: v for k, v in sampling.items() if k != "num_candidates"}
+    return images, _check_images(gen, gen.text_to_image(prompts, seed=seed, **one), len(prompts))
 
 
 def _to_uint8(images: list[Image.Image]) -> torch.Tensor:
@@ -177,9 +203,13 @@ def evaluate_text_to_image(
     n_per_category: int = 50,
     categories: tuple[str, ...] | list[str] = EVAL_CATEGORIES,
     seed: int = 0,
+    plain: bool = False,
     **sampling: Any,
 ) -> T2IResult:
-    """Judge `n_per_category` generated images per shapes category (GenEval-style accuracy)."""
+    """Judge `n_per_category` generated images per shapes category (GenEval-style accuracy).
+
+    With ``plain``, ``plain_scores`` also holds the scores of plain sampling (candidate 0 of each image
+    when ``num_candidates > 1``: the same images ``num_candidates = 1`` gives)."""
     if n_per_category < 1:
         raise ValueError(f"n_per_category must be >= 1, got {n_per_category}")
     categories = list(dict.fromkeys(categories))
@@ -188,7 +218,7 @@ def evaluate_text_to_image(
     prompts = {c: eval_prompts(c, n_per_category, seed, gen.resolution) for c in categories}
     # one call for all categories, so the generator can fill its batches
     flat = [caption for c in categories for caption, _ in prompts[c]]
-    images = _generate(gen, flat, seed, sampling)
+    images, plain_images = _generate(gen, flat, seed, sampling, plain)
 
     result = T2IResult({}, {}, {}, {})
     for i, c in enumerate(categories):
@@ -200,21 +230,33 @@ def evaluate_text_to_image(
         result.scores[c] = float(np.mean(result.correct[c]))
         result.images[c] = chunk
         result.prompts[c] = [caption for caption, _ in prompts[c]]
+        if plain_images is not None:
+            first = images_to_pil(plain_images[i * n_per_category : (i + 1) * n_per_category])
+            result.plain_scores[c] = float(
+                np.mean([judge(im, spec).score(c) for im, (_, spec) in zip(first, prompts[c])])
+            )
     result.scores["overall"] = float(np.mean([result.scores[c] for c in categories]))
+    if plain_images is not None:
+        result.plain_scores["overall"] = float(np.mean([result.plain_scores[c] for c in categories]))
     return result
 
 
 def evaluate_digits(
-    gen: MMGeneratorLike, *, n_per_digit: int = 20, seed: int = 0, **sampling: Any
+    gen: MMGeneratorLike, *, n_per_digit: int = 20, seed: int = 0, plain: bool = False, **sampling: Any
 ) -> DigitsResult:
-    """Generate `n_per_digit` images per digit and score them with a classifier of real digits."""
+    """Generate `n_per_digit` images per digit and score them with a classifier of real digits (with
+    ``plain``, also plain sampling's accuracy, as in :func:`evaluate_text_to_image`)."""
     prompts = digit_prompts(n_per_digit, seed)
-    images = _generate(gen, [caption for caption, _ in prompts], seed, sampling)
+    images, plain_images = _generate(gen, [caption for caption, _ in prompts], seed, sampling, plain)
     classifier = DigitsClassifier.fit(gen.resolution)
     labels = np.array([label for _, label in prompts])
     predictions = classifier.predict(images)
     hits = predictions == labels
+    plain_accuracy = None
+    if plain_images is not None:
+        plain_accuracy = float((classifier.predict(plain_images) == labels).mean())
     return DigitsResult(
+        plain_accuracy=plain_accuracy,
         accuracy=float(hits.mean()),
         per_digit={k: float(hits[labels == k].mean()) for k in range(10)},
         images=images,

@@ -398,8 +398,26 @@ class MMGenerator(PreTrainedModel):
         """True when images are continuous latents sampled by the diffusion head."""
         return not self.image_tokenizer.config.is_discrete
 
+    def text_to_tokens(self, prompts: str | list[str], **kwargs) -> torch.Tensor:
+        """Image tokens for each prompt, prompt-major (``N * num_images_per_prompt`` of them), ready
+        for :meth:`decode_tokens`: codes ``(M, h, w)`` of a discrete model, or raw (denormalized)
+        latents ``(M, h, w, D)`` of a diffusion-head model. The empty caption is the unconditional
+        branch of classifier-free guidance. Arguments as :meth:`text_to_token_candidates`.
+
+        ``num_candidates = C > 1`` samples ``C`` candidates for every image and keeps the one whose
+        prompt the model itself finds likeliest as its caption (self-reranking by :meth:`caption_scores`,
+        :mod:`ar_model.rerank`); it costs ``C`` times the sampling plus one scoring pass. Candidate 0 is
+        the image ``C = 1`` gives, and it wins ties.
+        """
+        tokens, scores = self.text_to_token_candidates(prompts, **kwargs)  # (M, C, ...), (M, C) or None
+        if scores is None:
+            return tokens[:, 0]
+        c = scores.shape[1]
+        best = best_candidates(scores.flatten(), c).to(tokens.device)  # (M,) into the M * C candidates
+        return tokens.flatten(0, 1)[best]  # (M, ...)
+
     @torch.no_grad()
-    def text_to_tokens(
+    def text_to_token_candidates(
         self,
         prompts: str | list[str],
         *,
@@ -419,15 +437,11 @@ class MMGenerator(PreTrainedModel):
         progress: bool = False,
         num_candidates: int = 1,
     ) -> torch.Tensor:
-        """Image tokens for each prompt, prompt-major (``N * num_images_per_prompt`` of them), ready
-        for :meth:`decode_tokens`: codes ``(M, h, w)`` of a discrete model, or raw (denormalized)
-        latents ``(M, h, w, D)`` of a diffusion-head model. The empty caption is the unconditional
-        branch of classifier-free guidance.
-
-        ``num_candidates = C > 1`` samples ``C`` candidates for every image and keeps the one whose
-        prompt the model itself finds likeliest as its caption (self-reranking by :meth:`caption_scores`,
-        :mod:`ar_model.rerank`); it costs ``C`` times the sampling plus one scoring pass. Candidate 0 is
-        the image ``C = 1`` gives, and it wins ties.
+        """Every candidate's image tokens and their caption scores: ``tokens (M, C, h, w)`` codes or
+        ``(M, C, h, w, D)`` raw latents, prompt-major (``M = N * num_images_per_prompt``), and ``scores
+        (M, C)`` (:meth:`caption_scores`), or ``None`` with ``num_candidates = 1``. Candidate 0 of each
+        image is the image plain sampling (``C = 1``) gives, so one best-of-``C`` pass also yields the
+        plain samples (the main job judges both this way).
 
         ``top_k``/``top_p`` apply to discrete codes; ``num_inference_steps``, ``sampler``
         ("euler" | "heun") and ``guidance_interval`` (``(lo, hi)`` in flow time: guide only the head's
@@ -482,10 +496,11 @@ class MMGenerator(PreTrainedModel):
                 )  # fmt: skip
                 out.append(codes)
         tokens = torch.cat(out)  # (N * k * c, h, w) or (N * k * c, h, w, D)
+        scores = None
         if c > 1:
             scores = self.caption_scores(tokens, [p for p in prompts for _ in range(k * c)])  # (N * k * c,)
-            tokens = tokens[best_candidates(scores, c).to(tokens.device)]  # (N * k, ...)
-        return tokens
+            scores = scores.view(-1, c)  # (N * k, c)
+        return tokens.view(-1, c, *tokens.shape[1:]), scores  # (N * k, c, h, w[, D])
 
     @torch.no_grad()
     def caption_scores(

@@ -39,6 +39,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -408,24 +409,38 @@ def _model_inputs(
 
 
 # ----------------------------------------------------------------------------- evaluation
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a float64 vector over the processes
+
+
 @torch.no_grad()
-def validation_loss(model: MMDecoderForCausalLM, batches: list[TokenBatch], device: torch.device) -> dict:
+def validation_loss(
+    model: MMDecoderForCausalLM,
+    batches: list[TokenBatch],
+    device: torch.device,
+    share: tuple[int, int] = (0, 1),
+    reduce: Reduce | None = None,
+) -> dict:
     """Mean cross-entropy over all tokens, over image codes of caption→image documents, and over
     caption tokens (and ``<eos>``) of image→caption documents.
 
     Continuous models instead report ``val_flow_loss``, the flow-matching loss (``d = 0``, no shortcut
-    rows) on the latents of caption→image documents with a fixed generator (comparable between
-    evaluations), ``val_text_loss`` (cross-entropy over all labels) and ``val_loss = val_text_loss +
-    weight · val_flow_loss``.
+    rows) on the latents of caption→image documents with a generator seeded per batch (comparable
+    between evaluations), ``val_text_loss`` (cross-entropy over all labels) and ``val_loss =
+    val_text_loss + weight · val_flow_loss``.
+
+    ``share = (rank, world)``: this process evaluates batches ``rank, rank + world, …`` and ``reduce``
+    sums the loss sums and token counts over the processes, so that ``world`` processes split the work
+    and all get the means over every batch (the same numbers as one process, up to float summation order).
     """
     cfg = model.config
+    mine = [(i, batches[i]) for i in range(share[0], len(batches), share[1])]
     if cfg.latent_dim:
-        return _continuous_validation_loss(model, batches, device)
+        return _continuous_validation_loss(model, mine, device, reduce)
     if cfg.code_group > 1:
-        return _grouped_validation_loss(model, batches, device)
+        return _grouped_validation_loss(model, mine, device, reduce)
     sums = {"val_loss": 0.0, "val_image_loss": 0.0, "val_caption_loss": 0.0}
     counts = dict.fromkeys(sums, 0)
-    for batch in batches:
+    for _, batch in mine:
         inputs = _to_device(batch, device)
         labels = inputs.pop("labels")
         logits = model(**inputs).logits  # (rows, max_len, V)
@@ -442,7 +457,17 @@ def validation_loss(model: MMDecoderForCausalLM, batches: list[TokenBatch], devi
         for key, mask in masks.items():
             sums[key] += float(ce[mask].sum())
             counts[key] += int(mask.sum())
-    return {k: sums[k] / max(counts[k], 1) for k in sums}
+    return _means(sums, counts, reduce)
+
+
+def _means(sums: dict[str, float], counts: dict[str, int], reduce: Reduce | None) -> dict[str, float]:
+    """``sums[k] / counts[k]`` per key, with both first summed over the processes by ``reduce``."""
+    keys = list(sums)
+    totals = torch.tensor([sums[k] for k in keys] + [counts[k] for k in keys], dtype=torch.float64)
+    if reduce is not None:
+        totals = reduce(totals)
+    n = len(keys)
+    return {k: float(totals[i]) / max(float(totals[n + i]), 1.0) for i, k in enumerate(keys)}
 
 
 def _caption_mask(cfg: MMDecoderConfig, ids: torch.Tensor, labels: torch.Tensor, task: torch.Tensor):
@@ -456,14 +481,17 @@ def _caption_mask(cfg: MMDecoderConfig, ids: torch.Tensor, labels: torch.Tensor,
 
 
 def _grouped_validation_loss(
-    model: MMDecoderForCausalLM, batches: list[TokenBatch], device: torch.device
+    model: MMDecoderForCausalLM,
+    batches: list[tuple[int, TokenBatch]],
+    device: torch.device,
+    reduce: Reduce | None,
 ) -> dict:
     """:func:`validation_loss` of a grouped-code model: ``val_loss`` over text labels and every image code,
     ``val_image_loss`` per image code of caption→image documents (comparable with an ungrouped model's)."""
     cfg = model.config
     sums = {"val_loss": 0.0, "val_image_loss": 0.0, "val_caption_loss": 0.0}
     counts = dict.fromkeys(sums, 0)
-    for batch in batches:
+    for _, batch in batches:
         inputs = _to_device(batch, device)
         labels = inputs.pop("labels")
         out = model(**inputs)
@@ -489,19 +517,23 @@ def _grouped_validation_loss(
         ):
             sums[key] += float(ce[mask].sum())
             counts[key] += int(mask.sum())
-    return {k: sums[k] / max(counts[k], 1) for k in sums}
+    return _means(sums, counts, reduce)
 
 
 def _continuous_validation_loss(
-    model: MMDecoderForCausalLM, batches: list[TokenBatch], device: torch.device
+    model: MMDecoderForCausalLM,
+    batches: list[tuple[int, TokenBatch]],
+    device: torch.device,
+    reduce: Reduce | None,
 ) -> dict:
     """:func:`validation_loss` of a continuous-token model."""
     cfg = model.config
     flow_cfg = dataclasses.replace(cfg.flow_loss_config, shortcut_fraction=0.0)
-    generator = torch.Generator(device=device).manual_seed(0)
+    generator = torch.Generator(device=device)
     sums = {"val_text_loss": 0.0, "val_flow_loss": 0.0, "val_caption_loss": 0.0}
     counts = dict.fromkeys(sums, 0)
-    for batch in batches:
+    for index, batch in batches:
+        generator.manual_seed(index)  # the batch's noise, whichever process evaluates it
         inputs = _model_inputs(batch, cfg, device, generator)
         labels = inputs.pop("labels")
         del inputs["flow_generator"]  # no loss inside the model: the parts are computed here
@@ -529,7 +561,7 @@ def _continuous_validation_loss(
         ):
             sums[key] += float(ce[mask].sum())
             counts[key] += int(mask.sum())
-    result = {k: sums[k] / max(counts[k], 1) for k in sums}
+    result = _means(sums, counts, reduce)
     weight = cfg.flow_loss_config.weight
     return {"val_loss": result["val_text_loss"] + weight * result["val_flow_loss"], **result}
 
@@ -638,7 +670,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         **batch_args,
     )
     val_batches: list[TokenBatch] = []
-    if (is_main or collective) and folders["val"]:
+    if folders["val"]:  # every process validates: under DDP each its share of the batches
         val_codes, val_captions = _load_all(folders["val"], image_tokenizer)
         if grouped:
             val_codes = group_codes(val_codes, model_cfg.code_group)  # (N, H/g, W/g, g*g)
@@ -690,12 +722,21 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     def eval_model() -> MMDecoderForCausalLM:
         return ema.module if ema is not None else accelerator.unwrap_model(model)
 
+    # DDP: each process validates its share of the batches on its unwrapped replica and the sums are
+    # added up (2 processes: half the time, where rank 0 alone used to keep the others waiting). FSDP:
+    # every forward is collective, so every process runs every batch.
+    share = (0, 1) if collective else (rank, world)
+
+    def reduce(totals: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(totals.to(device), reduction="sum").cpu()
+
     def val_losses() -> dict[str, float]:
         """Validation losses of the evaluated weights; with EMA also the raw weights' (``raw_`` keys), so
-        that one run measures what the average adds."""
-        record = validation_loss(eval_model().eval(), val_batches, device)
+        that one run measures what the average adds. Every process must call it."""
+        sum_up = reduce if world > 1 and not collective else None
+        record = validation_loss(eval_model().eval(), val_batches, device, share, sum_up)
         if ema is not None:
-            raw = validation_loss(accelerator.unwrap_model(model).eval(), val_batches, device)
+            raw = validation_loss(accelerator.unwrap_model(model).eval(), val_batches, device, share, sum_up)
             record.update({f"raw_{k}": v for k, v in raw.items()})
         return record
 
@@ -765,7 +806,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
                 parts = {"text": f"{record['text_loss']:.3f}", "code": f"{record['code_loss']:.3f}"}
             bar.set_postfix(loss=f"{record['loss']:.3f}", **parts, tok_s=f"{record['tokens_per_s']:.0f}")
         busy = (is_main or collective) and step < cfg.max_steps
-        if busy and cfg.eval_every and step % cfg.eval_every == 0 and val_batches:
+        if step < cfg.max_steps and cfg.eval_every and step % cfg.eval_every == 0 and val_batches:
             record = {"step": step, **val_losses()}
             if is_main:
                 log("val_log.jsonl", record)

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if head and not gen.is_continuous:
         p.error("--num_inference_steps / --sampler apply to a diffusion-head model; this one samples codes")
     if gen.is_continuous:  # record the head's sampler in every row: the generator's defaults unless given
-        defaults = inspect.signature(MMGenerator.text_to_tokens).parameters
+        defaults = inspect.signature(MMGenerator.text_to_token_candidates).parameters
         head = {k: defaults[k].default for k in ("num_inference_steps", "sampler")} | head
     rows = []
     for seed in args.seeds:

@@ -117,7 +117,7 @@ def write_webdataset(
         post=finish_shard,
         verbose=0,
         encoder=False,
-        mtime=0.0,
+        mtime=0,
     )
     num, first, keys = 0, None, set()
     try:

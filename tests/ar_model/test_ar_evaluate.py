@@ -107,6 +107,18 @@ def test_text_to_image_oracle_scores_high_and_blank_low(oracle):
         assert len(result.prompts[c]) == 20 and len(result.correct[c]) == 20
     blank = evaluate_text_to_image(BlankGenerator(), n_per_category=20, seed=1)
     assert all(v <= 0.05 for v in blank.scores.values()), blank.scores
+    assert result.plain_scores == {} and blank.plain_scores == {}
+
+
+def test_plain_scores_of_a_generator_without_candidates_come_from_a_second_pass(oracle):
+    """A generator without ``text_to_token_candidates`` is sampled again with ``num_candidates`` 1."""
+    result = evaluate_text_to_image(oracle, n_per_category=10, seed=1, plain=True, num_candidates=3)
+    assert oracle.last_sampling["num_candidates"] == 1  # the plain pass came last
+    assert result.plain_scores == result.scores  # the oracle ignores num_candidates
+    digits = evaluate_digits(oracle, n_per_digit=2, seed=1, plain=True, num_candidates=3)
+    assert digits.plain_accuracy == digits.accuracy and oracle.last_sampling["num_candidates"] == 1
+    shifted = evaluate_digits(OracleGenerator(label_shift=1), n_per_digit=2, seed=1, plain=True)
+    assert shifted.plain_accuracy == shifted.accuracy < 0.2  # num_candidates 1: the plain images are these
 
 
 class FirstObjectGenerator:

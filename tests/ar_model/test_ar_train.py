@@ -9,7 +9,7 @@ import pytest
 import torch
 from launch_helpers import cpu_env, launch_cmd, run_launch
 from safetensors.torch import load_file
-from tiny import TINY_DECODER, TINY_TOKENIZER, tiny_train_config
+from tiny import TINY_DECODER, TINY_TOKENIZER, tiny_train_config, validation_in_one_process
 
 from ar_model.generator import MMGenerator
 from ar_model.train import TrainConfig, main, parse_args
@@ -165,4 +165,37 @@ def test_two_process_run_keeps_ranks_identical(tmp_path, tokenizer_dir, optimize
     digests = metrics["rank_param_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
     assert (run / "checkpoints" / "step-3").is_dir()
-    MMGenerator.from_pretrained(run / "final")
+    # each process validated its share of the batches; the sums added up give one process's losses
+    one = validation_in_one_process(run, max_len=256, tokens_per_batch=512)
+    for key in ("val_loss", "val_image_loss", "val_caption_loss"):
+        assert metrics[key] == pytest.approx(one[key], rel=1e-5), key
+
+
+def test_validation_shares_add_up_to_the_whole(tmp_path, tokenizer_dir):
+    """``validation_loss`` with ``share=(rank, world)`` evaluates every ``world``-th batch; with the sums
+    added over the shares (what ``reduce`` does across processes) it equals the unsplit losses."""
+    from ar_model.documents import CodesCorpus, eval_batches
+    from ar_model.train import _load_all, validation_loss
+
+    main(_cfg(tmp_path, tokenizer_dir, max_steps=2, num_sample_prompts=0, val_num=24))
+    run = tmp_path / "run"
+    gen = MMGenerator.from_pretrained(run / "final")
+    cfg = gen.decoder.config
+    codes, captions = _load_all(sorted((run / "codes").glob("val-*")), gen.image_tokenizer)
+    corpus = CodesCorpus(codes, captions, gen.text_tokenizer, 256)
+    batches = eval_batches(
+        corpus, max_len=256, tokens_per_batch=512, scheme=cfg.rope_scheme, code_offset=cfg.code_offset,
+        pad_id=cfg.pad_id,
+    )  # fmt: skip
+    assert len(batches) >= 3
+    model, cpu = gen.decoder.eval(), torch.device("cpu")
+    whole = validation_loss(model, batches, cpu)
+    local: list[torch.Tensor] = []
+    validation_loss(model, batches, cpu, share=(1, 3), reduce=lambda t: local.append(t) or t)
+    validation_loss(model, batches, cpu, share=(2, 3), reduce=lambda t: local.append(t) or t)
+    split = validation_loss(model, batches, cpu, share=(0, 3), reduce=lambda t: t + local[0] + local[1])
+    assert split.keys() == whole.keys()
+    for key in whole:
+        assert split[key] == pytest.approx(whole[key], rel=1e-9), key
+    alone = validation_loss(model, batches, cpu, share=(0, 3))  # one share alone is another number
+    assert alone["val_loss"] != pytest.approx(whole["val_loss"], rel=1e-6)

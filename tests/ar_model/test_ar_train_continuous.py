@@ -14,7 +14,7 @@ import pytest
 import torch
 from launch_helpers import cpu_env, launch_cmd, run_launch
 from safetensors.torch import load_file
-from tiny import TINY_TOKENIZER, tiny_train_config
+from tiny import TINY_TOKENIZER, tiny_train_config, validation_in_one_process
 
 import ar_model.modeling as modeling
 import ar_model.train as ar_train
@@ -220,6 +220,10 @@ def test_two_process_continuous_run_keeps_ranks_identical(tmp_path, tokenizer_di
     assert len(digests) == 2 and digests[0] == digests[1]
     assert (run / "checkpoints" / "step-3").is_dir()
     assert MMGenerator.from_pretrained(run / "final").is_continuous
+    # each process validated its share (flow noise seeded per batch); the sums give one process's losses
+    one = validation_in_one_process(run, max_len=256, tokens_per_batch=512)
+    for key in ("val_loss", "val_text_loss", "val_flow_loss", "val_caption_loss"):
+        assert metrics[key] == pytest.approx(one[key], rel=1e-5), key
 
 
 def test_the_shipped_config_mirrors_the_discrete_one(tokenizer_dir):

@@ -145,6 +145,10 @@ def test_num_candidates_keeps_the_candidate_with_the_best_caption_score(t2i, mon
     assert torch.equal(candidates[:, 0], plain)
     assert all(not torch.equal(candidates[i, 0], candidates[i, 1]) for i in range(4))
     assert torch.equal(gen.text_to_tokens(prompts, num_images_per_prompt=2, num_candidates=1, **kw), plain)
+    # every candidate and its score, from one call
+    tokens, scores = gen.text_to_token_candidates(prompts, num_images_per_prompt=2, num_candidates=3, **kw)
+    assert torch.equal(tokens, candidates) and torch.equal(scores, groups)
+    assert gen.text_to_token_candidates(prompts, num_candidates=1, **kw)[1] is None
     # through the pipeline: the reranked images, and the same for a prompt alone
     out = _arrays(t2i(prompts[0], num_images_per_prompt=2, num_candidates=3, generator=4, guidance_scale=2.0,
                       temperature=1.0, progress_bar=False))  # fmt: skip
@@ -156,3 +160,29 @@ def test_num_candidates_keeps_the_candidate_with_the_best_caption_score(t2i, mon
 def test_num_candidates_must_be_a_positive_integer(t2i, bad):
     with pytest.raises(ValueError, match="num_candidates"):
         t2i("a red circle", num_candidates=bad, progress_bar=False)
+
+
+def test_the_judge_gets_plain_samples_from_the_best_of_c_pass(t2i):
+    """``ar_model.evaluate._generate(..., plain=True)``: the reranked images and candidate 0 of each, which
+    are exactly what best-of-3 and plain sampling give, from one sampling pass."""
+    from ar_model.evaluate import _generate
+
+    gen = t2i.model
+    prompts = ["a red circle", "two blue squares left of a yellow triangle", "the digit four"]
+    kw = dict(guidance_scale=2.0, temperature=1.0)
+    calls = []
+    real = type(gen).text_to_token_candidates
+
+    def count(self, *a, **k):
+        calls.append(k.get("num_candidates"))
+        return real(self, *a, **k)
+
+    type(gen).text_to_token_candidates = count
+    try:
+        best, first = _generate(gen, prompts, 7, {**kw, "num_candidates": 3}, plain=True)
+    finally:
+        type(gen).text_to_token_candidates = real
+    assert calls == [3]
+    assert torch.equal(best, gen.text_to_image(prompts, seed=7, num_candidates=3, **kw))
+    assert torch.equal(first, gen.text_to_image(prompts, seed=7, **kw))
+    assert not torch.equal(best, first)  # reranking changed at least one image
