@@ -504,6 +504,15 @@ def step_report(
     return rep / "report.md"
 
 
+def judge_and_record(
+    out: Path, preset: QuickstartPreset, model_dir: Path, sampling: dict[str, Any], tokenizer: dict[str, Any]
+) -> dict[str, Any]:
+    """Step 5 and the model card's metrics, in one child process (one interpreter start fewer)."""
+    decoder_metrics = step_evaluate_decoder(out, preset, model_dir, sampling)
+    record_metrics_in_card(model_dir, tokenizer, decoder_metrics)
+    return decoder_metrics
+
+
 def record_metrics_in_card(model_dir: Path, tokenizer: dict[str, Any], decoder: dict[str, Any]) -> None:
     """Put the judged scores and tokenizer metrics into the model folder's card (README.md)."""
     from ar_model.generator import MMGenerator
@@ -581,8 +590,7 @@ def main(argv: list[str] | None = None) -> Path:
 
         atomic_save_dir(model, lambda d: shutil.copytree(decoder, d, dirs_exist_ok=True))
     print("[5/6] judge text-to-image, digits and captions")
-    decoder_metrics = in_child(step_evaluate_decoder, out, preset, model, variant.sampling)
-    in_child(record_metrics_in_card, model, metrics, decoder_metrics)
+    decoder_metrics = in_child(judge_and_record, out, preset, model, variant.sampling, metrics)
     print("[6/6] report")
     report = step_report(out, args, metrics, argv, decoder_metrics)
     print(f"done in {time.time() - t0:.0f} s")
