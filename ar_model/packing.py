@@ -238,6 +238,51 @@ def build_padded_batch(
     )
 
 
+def join_rows(batch: TokenBatch, limit: int, pad_id: int = 0) -> TokenBatch:
+    """The rows without the padding at their ends, concatenated in order into as few rows of at most
+    ``limit`` tokens as a greedy pass gives (one row when the batch's real tokens fit).
+
+    Packed rows end in padding (~3% of the shapes + digits rows) that every matmul of a training step
+    would still process; joined, only real tokens are computed. Exact for attention within documents:
+    each document keeps its tokens, order, positions and labels (labels are already shifted per token),
+    and ``seq_lens`` lists the same documents. Rows are joined whole, never split. Padding of the joined
+    rows (when there are several): ``input_ids`` = ``pad_id``, ``labels`` = -100, other keys 0, doc -1.
+    """
+    sizes = [sum(lens) for lens in batch.seq_lens]
+    if not sizes:
+        return batch
+    if any(n > limit for n in sizes):
+        raise ValueError(f"a row holds {max(sizes)} real tokens, more than the limit of {limit}")
+    groups: list[list[int]] = []
+    total = limit + 1
+    for r, n in enumerate(sizes):
+        if total + n > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(r)
+        total += n
+    width = max(max(sum(sizes[r] for r in g) for g in groups), 1)
+
+    def join(t: torch.Tensor, fill: float | int) -> torch.Tensor:
+        out = t.new_full((len(groups), width, *t.shape[2:]), fill)  # (joined rows, width, ...)
+        for j, group in enumerate(groups):
+            pieces = [t[r, : sizes[r]] for r in group]  # each (n_r, ...)
+            joined = torch.cat(pieces) if pieces else t[:0, 0]
+            out[j, : joined.shape[0]] = joined
+        return out
+
+    tensors = {key: join(t, _pad_value(key, pad_id, None)) for key, t in batch.tensors.items()}
+    seq_lens = [[n for r in group for n in batch.seq_lens[r]] for group in groups]
+    real = sum(sizes)
+    return TokenBatch(
+        tensors=tensors,
+        doc_ids=join(batch.doc_ids, -1),
+        seq_lens=seq_lens,
+        cu_seqlens=[_cu(lens, batch.doc_ids.device) for lens in seq_lens],
+        useful_fraction=real / (len(groups) * width),
+    )
+
+
 def unpack_batch(batch: TokenBatch) -> dict[int, dict[str, torch.Tensor]]:
     """Inverse of packing: per document index, its tokens gathered from the rows in row-major order."""
     flat_ids = batch.doc_ids.reshape(-1)  # (rows * max_len,)

@@ -60,7 +60,7 @@ from ar_model.generator import MMGenerator
 from ar_model.image_blocks import image_block_ids, sample_visible_latents
 from ar_model.modeling import MMDecoderForCausalLM
 from ar_model.optim import OPTIMIZERS, build_optimizer
-from ar_model.packing import IGNORE_INDEX, TokenBatch
+from ar_model.packing import IGNORE_INDEX, TokenBatch, join_rows
 from ar_model.presets import PRESETS, preset_config
 from ar_model.text_tokenizer import TextTokenizer, train_text_tokenizer
 from tokenizers_mm.checkpoints import (
@@ -99,6 +99,9 @@ class TrainConfig:
     text_model_type: str = "bpe"  # "bpe" | "unigram"
     max_len: int = 512  # tokens per packed row
     tokens_per_batch: int = 4096  # token budget of one micro-batch per process
+    # join each micro-batch's packed rows without their end padding (ar_model.packing.join_rows), so that
+    # no step computes padding; with per-document attention (sdpa_per_doc, flash_varlen) only
+    join_rows: bool = True
     t2i_fraction: float = 0.75  # share of documents in caption→image order (the rest image→caption)
     caption_drop: float = 0.1  # share of caption→image documents whose caption is dropped (for CFG)
     seed: int = 0
@@ -257,6 +260,10 @@ def image_layout(tok_config: ImageTokenizerConfig, where: str, overrides: dict[s
             )
         return {}
     return {"latent_dim": tok_config.token_dim, "num_image_codes": 1}
+
+
+# Attention kernels for which one long row of documents costs what the same documents in several rows do
+JOINABLE_ATTENTION = ("sdpa_per_doc", "flash_varlen")
 
 
 def flow_generator(seed: int, micro_step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -749,8 +756,11 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, desc="decoder", dynamic_ncols=True)
     t0, t_window, tok_window = time.time(), time.time(), 0
     model.train()
+    joined = cfg.join_rows and model_cfg.attn_impl in JOINABLE_ATTENTION
     while step < cfg.max_steps:
         batch = batches.get(micro)
+        if joined:
+            batch = join_rows(batch, model_cfg.max_position, model_cfg.pad_id)  # (1, ≤ tokens_per_batch)
         generator = flow_generator(cfg.seed, micro, rank, device) if continuous else None
         inputs = _model_inputs(batch, model_cfg, device, generator)
         # trained tokens: labelled text/code tokens, plus the image positions of a continuous or

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ar_model.config import MMDecoderConfig, vocab_layout
 from ar_model.modeling import MMDecoderForCausalLM
-from ar_model.packing import IGNORE_INDEX, build_packed_batch, pack_documents
+from ar_model.packing import IGNORE_INDEX, build_packed_batch, join_rows, pack_documents
 from ar_model.positions import SCHEMES, multimodal_positions
 from ar_model.presets import PRESETS, count_parameters, preset_config
 from ar_model.sequence import build_sequence, image_to_text_document, text_to_image_document
@@ -82,6 +82,38 @@ def test_packed_logits_equal_per_document(text_tokenizer: TextTokenizer, scheme:
             n_labels = int((seq.labels != IGNORE_INDEX).sum())
             total, count = total + alone.loss.item() * n_labels, count + n_labels
     torch.testing.assert_close(packed.loss.item(), total / count, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa_per_doc", "sdpa_dense_mask"])
+def test_joined_rows_give_the_packed_loss_and_gradients(
+    text_tokenizer: TextTokenizer, attn_impl: str
+) -> None:
+    """Training on ``join_rows(batch)`` (the rows' real tokens in one row, no padding) is the same
+    computation as on the packed rows: the same loss, per-document logits and gradients."""
+    seqs = _documents(text_tokenizer, "rope_tv")
+    plan = pack_documents([len(s) for s in seqs], max(len(s) for s in seqs) + 6)
+    batch = build_packed_batch([s.as_document() for s in seqs], plan, pad_id=text_tokenizer.pad_id)
+    joined = join_rows(batch, 4096, text_tokenizer.pad_id)
+    assert batch.num_rows > 1 and joined.num_rows == 1 and not (joined.doc_ids < 0).any()
+    results = []
+    for b in (batch, joined):
+        model = tiny_model(text_tokenizer, attn_impl=attn_impl).train()
+        out = model(
+            b["input_ids"],
+            positions=b["positions"],
+            doc_ids=b.doc_ids,
+            seq_lens=b.seq_lens,
+            labels=b["labels"],
+        )
+        out.loss.backward()
+        per_doc = {i: out.logits[b.doc_ids == i].detach() for i in range(len(seqs))}
+        results.append((out.loss.detach(), per_doc, {k: p.grad for k, p in model.named_parameters()}))
+    (loss_a, logits_a, grads_a), (loss_b, logits_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-6, rtol=1e-6)
+    for i in logits_a:
+        torch.testing.assert_close(logits_b[i], logits_a[i], atol=1e-5, rtol=0)
+    for k in grads_a:
+        torch.testing.assert_close(grads_b[k], grads_a[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
 def test_doc_ids_or_seq_lens_alone_give_the_same_logits(text_tokenizer: TextTokenizer) -> None:

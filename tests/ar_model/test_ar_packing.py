@@ -11,6 +11,7 @@ from ar_model.packing import (
     IGNORE_INDEX,
     build_packed_batch,
     build_padded_batch,
+    join_rows,
     pack_documents,
     unpack_batch,
 )
@@ -114,6 +115,39 @@ def test_pack_invariants(lengths: list[int], max_len: int, policy: str) -> None:
     total = sum(lengths[d] for d in kept)
     assert plan.num_tokens == total
     assert plan.useful_fraction == (total / (plan.num_rows * max_len) if plan.rows else 1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(length_lists, st.integers(4, 32), st.integers(0, 3))
+def test_joined_rows_hold_the_same_documents_without_padding(
+    lengths: list[int], max_len: int, extra: int
+) -> None:
+    docs = [_doc(i, n) for i, n in enumerate(lengths)]
+    batch = build_packed_batch(docs, pack_documents(lengths, max_len, "split"), max_len, pad_id=7)
+    limit = max_len + extra * max_len // 2  # from one row per joined row to several
+    joined = join_rows(batch, limit, pad_id=7)
+    sizes = [sum(lens) for lens in batch.seq_lens]
+    # the same documents in the same order, rows whole and in order, each joined row within the limit
+    assert [n for lens in joined.seq_lens for n in lens] == [n for lens in batch.seq_lens for n in lens]
+    assert all(sum(lens) <= limit for lens in joined.seq_lens)
+    assert sum(sum(lens) for lens in joined.seq_lens) == sum(sizes)
+    back, orig = unpack_batch(joined), unpack_batch(batch)
+    assert back.keys() == orig.keys()
+    for d in orig:
+        for key in orig[d]:
+            assert torch.equal(back[d][key], orig[d][key]), key
+    for r, lens in enumerate(joined.seq_lens):  # padding only at the end of a joined row, with pad values
+        real = sum(lens)
+        assert torch.all(joined.doc_ids[r, :real] >= 0) and torch.all(joined.doc_ids[r, real:] == -1)
+        assert torch.all(joined["input_ids"][r, real:] == 7) and torch.all(
+            joined["labels"][r, real:] == IGNORE_INDEX
+        )
+        assert joined.cu_seqlens[r].tolist() == [sum(lens[:i]) for i in range(len(lens) + 1)]
+    if batch.num_rows and limit >= sum(sizes):
+        assert joined.num_rows == 1 and joined.useful_fraction == 1.0
+    if max(sizes, default=0) > 1:  # a row longer than the limit is refused
+        with pytest.raises(ValueError, match="limit"):
+            join_rows(batch, max(sizes) - 1)
 
 
 def test_padded_baseline() -> None:

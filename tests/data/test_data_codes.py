@@ -125,6 +125,38 @@ def test_round_trip_discrete(model, tmp_path):
     assert data.identity == tokenizer_identity(model)
     stored = _read_tar(out / "codes-000000.tar")[0][1]
     assert np.load(io.BytesIO(stored["codes.npy"]), allow_pickle=False).dtype == np.int16
+    # plain ustar members: a float mtime would add a PAX header to every file (twice the reading work)
+    with tarfile.open(out / "codes-000000.tar") as tar:
+        assert all(m.pax_headers == {} and m.mtime == 0 for m in tar.getmembers())
+
+
+def test_npy_variants_that_numpy_reads_load_the_same(model, tmp_path):
+    """Headers are parsed once per distinct header (cached by their bytes), the data viewed in place:
+    Fortran order, a version 2.0 header and a sample whose header differs all load as numpy reads them,
+    and trailing bytes after the data are refused."""
+    keys, captions = _samples(6)
+    tokens = _codes(6)
+    out = write_codes(tmp_path / "codes", keys, captions, tokens, tokenizer_identity(model))
+    good = np.arange(64, dtype=np.int16).reshape(8, 8) % 1000
+    fortran = io.BytesIO()
+    np.lib.format.write_array(fortran, np.asfortranarray(good), version=(1, 0))
+    assert np.load(io.BytesIO(fortran.getvalue())).flags.f_contiguous
+    v2 = io.BytesIO()
+    np.lib.format.write_array(v2, good + 1, version=(2, 0))
+    planted = [
+        ("var-fortran", {"codes.npy": fortran.getvalue(), "txt": b"f"}),
+        ("var-v2", {"codes.npy": v2.getvalue(), "txt": b"v"}),
+        ("bad-trailing", {"codes.npy": _npy(good) + b"\0" * 2, "txt": b"t"}),
+    ]
+    shard = out / "codes-000000.tar"
+    original = _read_tar(shard)
+    write_tar(shard, original[:2] + planted + original[2:])
+    data = load_codes(out, expect=model)
+    assert data.keys == [*keys[:2], "var-fortran", "var-v2", *keys[2:]]
+    assert torch.equal(data.tokens[2], torch.from_numpy(good).long())
+    assert torch.equal(data.tokens[3], torch.from_numpy(good + 1).long())
+    assert torch.equal(data.tokens[[0, 1, 4, 5, 6, 7]], tokens)
+    assert data.skips.skipped_keys == {"bad_npy": ["bad-trailing"]}
 
 
 def test_large_codebook_stored_as_int32(model, tmp_path):

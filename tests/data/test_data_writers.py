@@ -33,6 +33,8 @@ def test_webdataset_round_trip(tmp_path):
         names = tar.getnames()
     assert names[:3] == ["shapes-000000000.json", "shapes-000000000.png", "shapes-000000000.txt"]
     assert len(names) == 30
+    with tarfile.open(shards[0]) as tar:  # plain ustar members, no PAX header per file (integer mtime)
+        assert all(m.pax_headers == {} and m.mtime == 0 for m in tar.getmembers())
     back = list(open_samples(tmp_path / "wds"))
     assert len(back) == 23 and all(_same(a, b) for a, b in zip(samples, back))
     info = read_dataset_info(tmp_path / "wds")
