@@ -1,4 +1,5 @@
-"""Packed rows vs one document per row: useful-token fraction and useful tokens/s of training (issue 3).
+"""Packed rows vs one document per row (and packed rows joined without padding): useful-token fraction and
+useful tokens/s of training (issue 3).
 
     python benchmarks/bench_packing.py                # 512 documents, the decoder of bench_decoder_train
     python benchmarks/bench_packing.py --threads 1    # as the CPU trainer runs (1 thread/process)
@@ -18,7 +19,9 @@ Both layouts train on every document once per "epoch", with about the same token
   step (``build_packed_batch``), attention within documents (``sdpa_per_doc``); the defaults are the
   shipped config's 1024-token rows and 4096 tokens per batch;
 * padded: ``--rows * --max-len // longest document`` documents per step, each in its own row padded
-  to the longest of its batch (``build_padded_batch``).
+  to the longest of its batch (``build_padded_batch``);
+* joined: the packed batches with their rows joined into one row without the padding at each row's end
+  (``join_rows``, what ``ar_model.train`` does by default with per-document attention).
 
 Useful tokens are the documents' own tokens (padding excluded). Each repeat times one epoch of each
 layout, alternately; medians are reported. Prints a table and one JSON line ``{"bench": "packing", ...}``.
@@ -38,7 +41,7 @@ from bench_common import emit_json
 from ar_model.code_groups import group_codes
 from ar_model.config import MMDecoderConfig, vocab_layout
 from ar_model.modeling import MMDecoderForCausalLM
-from ar_model.packing import TokenBatch, build_packed_batch, build_padded_batch, pack_documents
+from ar_model.packing import TokenBatch, build_packed_batch, build_padded_batch, join_rows, pack_documents
 from ar_model.presets import PRESETS
 from ar_model.sequence import build_sequence, image_to_text_document, text_to_image_document
 from ar_model.text_tokenizer import TextTokenizer, train_text_tokenizer
@@ -167,28 +170,33 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     repeats = args.repeats or (1 if args.quick else 3)
 
     docs, tok = caption_documents(num_docs, args.scheme)
-    layouts = {
-        "packed": packed_batches(docs, max_len, rows, tok.pad_id),
-        "padded": padded_batches(docs, rows * max_len, tok.pad_id),
-    }
     torch.manual_seed(0)
     model = MMDecoderForCausalLM(decoder_config(tok, args.scheme, args.quick)).train()
+    packed = packed_batches(docs, max_len, rows, tok.pad_id)
+    limit = max(model.config.max_position, rows * max_len)
+    layouts = {
+        "packed": packed,
+        "padded": padded_batches(docs, rows * max_len, tok.pad_id),
+        "joined": [join_rows(b, limit, tok.pad_id) for b in packed],
+    }
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def epoch(name: str) -> float:
         start = time.perf_counter()
         for batch in layouts[name]:
-            model(**model_inputs(batch, name == "packed")).loss.backward()
+            model(**model_inputs(batch, name != "padded")).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
     model(**model_inputs(layouts["packed"][0], True)).loss.backward()  # warm-up, both layouts
     model(**model_inputs(layouts["padded"][0], False)).loss.backward()
+    model(**model_inputs(layouts["joined"][0], True)).loss.backward()
     optimizer.zero_grad(set_to_none=True)
     times: dict[str, list[float]] = {name: [] for name in layouts}
+    order = ["packed", "padded", "joined"]
     for r in range(repeats):
-        for name in ("packed", "padded") if r % 2 == 0 else ("padded", "packed"):
+        for name in order if r % 2 == 0 else order[::-1]:
             times[name].append(epoch(name))
 
     lengths = [d["input_ids"].shape[0] for d in docs]
@@ -221,6 +229,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     results["useful_tokens_per_s_speedup"] = round(
         results["packed"]["useful_tokens_per_s"] / results["padded"]["useful_tokens_per_s"], 3
     )
+    results["joined_vs_packed_speedup"] = round(
+        results["joined"]["useful_tokens_per_s"] / results["packed"]["useful_tokens_per_s"], 3
+    )
 
     header = f"{'layout':<8}{'steps':>7}{'tokens':>9}{'useful':>9}{'fraction':>10}{'epoch s':>9}"
     print(f"{header}{'useful tok/s':>14}")
@@ -231,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             f"{r['epoch_s']:>9.2f}{r['useful_tokens_per_s']:>14.0f}"
         )
     print(f"packed / padded useful tokens/s: {results['useful_tokens_per_s_speedup']:.2f}x")
+    print(f"joined / packed useful tokens/s: {results['joined_vs_packed_speedup']:.3f}x")
     emit_json(results, args.out)
     return results
 

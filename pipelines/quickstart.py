@@ -146,9 +146,9 @@ def resolve_preset(preset: str, variant: str) -> QuickstartPreset:
 VARIANTS: dict[str, Variant] = {
     # fsq_8x8_joint.yaml: the Stage-1 target config (34.9 dB, usage 99.9%, 0.41M parameters, 8-12 min here)
     # CFG ramped linearly from 1 to 3.0 over the image, temperature 0.8, best of 4 samples by the model's own
-    # caption score: on two runs of this recipe (1,500 decoder steps, caption-drop fix), over prompt seeds
-    # 0-5, single 93.0-94.0%, two objects 62.5-68.5%, position 64.8-67.7%, count 60.8-62.0%; plain sampling
-    # (1 candidate) scored single 84.0-86.0%, two objects 40.0-41.2% on the same runs (README, Stage 2)
+    # caption score: on three runs of this recipe (1,500 decoder steps, caption-drop fix), over prompt seeds
+    # 0-5, single 92.5-94.0%, two objects 62.5-68.5%, position 64.8-68.8%, count 59.8-62.0%; plain sampling
+    # (1 candidate) scored single 84.0-88.5%, two objects 39.0-41.2% on the same runs (README, Stage 2)
     "discrete": Variant(
         "fsq_8x8_joint.yaml",
         "shapes_cpu.yaml",

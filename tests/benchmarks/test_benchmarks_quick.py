@@ -74,6 +74,9 @@ def test_bench_packing_quick(tmp_path):
     assert packed["useful_tokens"] == padded["useful_tokens"]  # the same documents, once each
     assert packed["useful_fraction"] > padded["useful_fraction"]
     assert packed["useful_tokens_per_s"] > 0 and padded["useful_tokens_per_s"] > 0
+    joined = r["joined"]  # the packed batches without row-end padding: the same documents, all useful
+    assert joined["useful_tokens"] == packed["useful_tokens"] and joined["useful_fraction"] == 1.0
+    assert joined["steps"] == packed["steps"] and r["joined_vs_packed_speedup"] > 0
 
 
 def test_bench_code_groups_quick(tmp_path):
