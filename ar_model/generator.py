@@ -436,7 +436,7 @@ class MMGenerator(PreTrainedModel):
         batch_size: int = 64,
         progress: bool = False,
         num_candidates: int = 1,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every candidate's image tokens and their caption scores: ``tokens (M, C, h, w)`` codes or
         ``(M, C, h, w, D)`` raw latents, prompt-major (``M = N * num_images_per_prompt``), and ``scores
         (M, C)`` (:meth:`caption_scores`), or ``None`` with ``num_candidates = 1``. Candidate 0 of each

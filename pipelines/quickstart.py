@@ -202,7 +202,7 @@ def _build_one(name: str, num: int, out: Path, progress: bool) -> float:
 
 def step_data(out: Path, preset: QuickstartPreset) -> dict[str, Path]:
     """Build the shapes and the digits shards, each in its own process (drawing and PNG encoding are
-    single-threaded Python, so two builds at once use both cores: 46 s → 26 s for the default)."""
+    single-threaded Python, so two builds at once use both cores: 44 s → 31 s for the default)."""
     paths = {"shapes": out / "data" / "shapes", "digits": out / "data" / "digits"}
     marker = out / "data" / "DONE"
     if not _done(marker):
