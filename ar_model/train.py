@@ -760,7 +760,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     while step < cfg.max_steps:
         batch = batches.get(micro)
         if joined:
-            batch = join_rows(batch, model_cfg.max_position, model_cfg.pad_id)  # rows of ≤ max_position tokens
+            batch = join_rows(batch, model_cfg.max_position, model_cfg.pad_id)  # rows of ≤ max_position
         generator = flow_generator(cfg.seed, micro, rank, device) if continuous else None
         inputs = _model_inputs(batch, model_cfg, device, generator)
         # trained tokens: labelled text/code tokens, plus the image positions of a continuous or
