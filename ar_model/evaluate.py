@@ -175,11 +175,10 @@ def _generate(
     """
     c = sampling.get("num_candidates", 1)
     if plain and c > 1 and hasattr(gen, "text_to_token_candidates"):
-        from ar_model.rerank import best_candidates
+        from ar_model.rerank import best_of
 
         tokens, scores = gen.text_to_token_candidates(prompts, seed=seed, **sampling)  # (M, C, ...), (M, C)
-        best = best_candidates(scores.flatten(), c).to(tokens.device)  # (M,) into the M * C candidates
-        images = gen.decode_tokens(tokens.flatten(0, 1)[best])
+        images = gen.decode_tokens(best_of(tokens, scores))
         first = gen.decode_tokens(tokens[:, 0])
         return _check_images(gen, images, len(prompts)), _check_images(gen, first, len(prompts))
     images = _check_images(gen, gen.text_to_image(prompts, seed=seed, **sampling), len(prompts))

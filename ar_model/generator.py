@@ -38,7 +38,7 @@ from ar_model.latent_generation import generate_image_latents
 from ar_model.model_card import SAMPLE_GRID_FILE, render_model_card
 from ar_model.modeling import MMDecoderForCausalLM
 from ar_model.positions import multimodal_positions
-from ar_model.rerank import best_candidates, caption_scores
+from ar_model.rerank import best_of, caption_scores
 from ar_model.text_tokenizer import TextTokenizer
 from tokenizers_mm.checkpoints import atomic_save_dir
 from tokenizers_mm.hub import push_folder
@@ -410,11 +410,7 @@ class MMGenerator(PreTrainedModel):
         the image ``C = 1`` gives, and it wins ties.
         """
         tokens, scores = self.text_to_token_candidates(prompts, **kwargs)  # (M, C, ...), (M, C) or None
-        if scores is None:
-            return tokens[:, 0]
-        c = scores.shape[1]
-        best = best_candidates(scores.flatten(), c).to(tokens.device)  # (M,) into the M * C candidates
-        return tokens.flatten(0, 1)[best]  # (M, ...)
+        return tokens[:, 0] if scores is None else best_of(tokens, scores)  # (M, ...)
 
     @torch.no_grad()
     def text_to_token_candidates(

@@ -119,6 +119,13 @@ def _score_row(model, docs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     return (sums / counts).cpu()  # every document has at least its <eos> label
 
 
+def best_of(tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """The best candidate of each image: ``tokens (M, C, ...)`` and ``scores (M, C)`` → ``(M, ...)``
+    (ties to the earliest, as :func:`best_candidates`)."""
+    best = best_candidates(scores.flatten(), scores.shape[1]).to(tokens.device)  # (M,) into the M * C
+    return tokens.flatten(0, 1)[best]  # (M * C, ...) -> (M, ...)
+
+
 def best_candidates(scores: torch.Tensor, num_candidates: int) -> torch.Tensor:
     """Indices into ``scores (M * num_candidates,)`` of the best candidate of each consecutive group.
 

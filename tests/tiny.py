@@ -49,11 +49,11 @@ def tiny_train_config(tokenizer: str | Path, output_dir: str | Path, **overrides
     return TrainConfig(**{**base, **overrides})
 
 
-def validation_in_one_process(run: Path, max_len: int, tokens_per_batch: int) -> dict[str, float]:
-    """``validation_loss`` of a finished run's final weights on its validation codes, in this process."""
+def final_validation_batches(run: Path, max_len: int, tokens_per_batch: int):
+    """A finished run's final decoder (eval mode) and its validation codes as ``eval_batches``."""
     from ar_model.documents import CodesCorpus, eval_batches
     from ar_model.generator import MMGenerator
-    from ar_model.train import _load_all, validation_loss
+    from ar_model.train import _load_all
 
     gen = MMGenerator.from_pretrained(run / "final")
     cfg = gen.decoder.config
@@ -67,5 +67,13 @@ def validation_in_one_process(run: Path, max_len: int, tokens_per_batch: int) ->
         code_offset=cfg.code_offset,
         pad_id=cfg.pad_id,
     )
-    assert len(batches) >= 3  # so that the two processes' shares differ in size
-    return validation_loss(gen.decoder.eval(), batches, torch.device("cpu"))
+    assert len(batches) >= 3  # so that shares of two or three processes differ
+    return gen.decoder.eval(), batches
+
+
+def validation_in_one_process(run: Path, max_len: int, tokens_per_batch: int) -> dict[str, float]:
+    """``validation_loss`` of a finished run's final weights on its validation codes, in this process."""
+    from ar_model.train import validation_loss
+
+    model, batches = final_validation_batches(run, max_len, tokens_per_batch)
+    return validation_loss(model, batches, torch.device("cpu"))

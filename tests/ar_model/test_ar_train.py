@@ -9,7 +9,13 @@ import pytest
 import torch
 from launch_helpers import cpu_env, launch_cmd, run_launch
 from safetensors.torch import load_file
-from tiny import TINY_DECODER, TINY_TOKENIZER, tiny_train_config, validation_in_one_process
+from tiny import (
+    TINY_DECODER,
+    TINY_TOKENIZER,
+    final_validation_batches,
+    tiny_train_config,
+    validation_in_one_process,
+)
 
 from ar_model.generator import MMGenerator
 from ar_model.train import TrainConfig, main, parse_args
@@ -174,21 +180,11 @@ def test_two_process_run_keeps_ranks_identical(tmp_path, tokenizer_dir, optimize
 def test_validation_shares_add_up_to_the_whole(tmp_path, tokenizer_dir):
     """``validation_loss`` with ``share=(rank, world)`` evaluates every ``world``-th batch; with the sums
     added over the shares (what ``reduce`` does across processes) it equals the unsplit losses."""
-    from ar_model.documents import CodesCorpus, eval_batches
-    from ar_model.train import _load_all, validation_loss
+    from ar_model.train import validation_loss
 
     main(_cfg(tmp_path, tokenizer_dir, max_steps=2, num_sample_prompts=0, val_num=24))
-    run = tmp_path / "run"
-    gen = MMGenerator.from_pretrained(run / "final")
-    cfg = gen.decoder.config
-    codes, captions = _load_all(sorted((run / "codes").glob("val-*")), gen.image_tokenizer)
-    corpus = CodesCorpus(codes, captions, gen.text_tokenizer, 256)
-    batches = eval_batches(
-        corpus, max_len=256, tokens_per_batch=512, scheme=cfg.rope_scheme, code_offset=cfg.code_offset,
-        pad_id=cfg.pad_id,
-    )  # fmt: skip
-    assert len(batches) >= 3
-    model, cpu = gen.decoder.eval(), torch.device("cpu")
+    model, batches = final_validation_batches(tmp_path / "run", max_len=256, tokens_per_batch=512)
+    cpu = torch.device("cpu")
     whole = validation_loss(model, batches, cpu)
     local: list[torch.Tensor] = []
     validation_loss(model, batches, cpu, share=(1, 3), reduce=lambda t: local.append(t) or t)
