@@ -8,6 +8,9 @@ The fault is read from the environment, so the trainer's own arguments pass thro
   every rank writes ``FAULT_DIR/hung-rank{R}`` and sleeps. The test SIGKILLs the process group
   there: the checkpoint of step K is on disk and N steps past it are lost. A hook, not a race:
   polling for a checkpoint and killing "soon after" would sometimes kill a finished run.
+* ``FAULT=nan_value:R:N`` — on rank R only, the N-th ``guarded_update`` call (1-based) sees a NaN
+  loss with finite gradients (:func:`poisoning_update`'s ``"nan_value"``); the other ranks' losses
+  stay finite. Only the loss check can tell, and every rank must skip.
 * ``FAULT=kill_in_save:K`` — while the checkpoint of step K is written, the main process writes
   half of ``optimizer.bin``, writes ``FAULT_DIR/killed`` and SIGKILLs itself (the launcher then
   takes down the other ranks).
@@ -70,7 +73,8 @@ def plant_remote_code(folder: str | os.PathLike, marker: str | os.PathLike) -> N
 def poisoning_update(orig_update, poison: dict[int, str]):
     """Wrap a trainer's ``guarded_update`` so that its ``n``-th call (1-based) sees a poisoned loss.
 
-    ``poison[n]`` is ``"nan_loss"`` (the loss is NaN) or ``"nan_grad"`` (the loss stays finite, its
+    ``poison[n]`` is ``"nan_loss"`` (the loss is NaN, and so is its gradient), ``"nan_value"`` (the loss
+    is NaN, its gradient finite: a NaN constant is added) or ``"nan_grad"`` (the loss stays finite, its
     gradient is NaN: d sqrt(u)/du is inf at u = 0, times d|x|/dx = 0). Calls are counted in ``.calls``.
     """
 
@@ -79,6 +83,8 @@ def poisoning_update(orig_update, poison: dict[int, str]):
         kind = poison.get(update.calls)
         if kind == "nan_loss":
             loss = loss * float("nan")
+        elif kind == "nan_value":
+            loss = loss + float("nan")
         elif kind == "nan_grad":
             loss = loss + torch.sqrt((loss * 0).abs())
             assert torch.isfinite(loss)
@@ -138,6 +144,9 @@ def _install(module, fault: str, fault_dir: Path) -> None:
             return orig_save(accelerator, output_dir, step, *a, **kw)
 
         module.save_checkpoint = save_checkpoint
+    elif kind == "nan_value":
+        if rank == int(args[0]):
+            module.guarded_update = poisoning_update(orig_update, {int(args[1]): "nan_value"})
     else:
         raise SystemExit(f"unknown FAULT {fault!r}")
 

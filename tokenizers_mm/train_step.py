@@ -1,8 +1,8 @@
 """The guarded optimizer step (and the EMA copy) shared by the training loops of both stages.
 
-A non-finite loss (on any rank) or gradient norm skips the update; every rank takes the same branch,
-or DDP's collectives would deadlock. :class:`NonfiniteGuard` counts skipped steps and stops the run
-after ``max_in_a_row`` consecutive ones. :func:`check_finite_weights` runs before every checkpoint and
+A non-finite loss (on any rank) or gradient norm skips the update; every rank takes the same branch
+and runs the same collectives, or DDP's collectives would deadlock. :class:`NonfiniteGuard` counts
+skipped steps and stops the run after ``max_in_a_row`` consecutive ones. :func:`check_finite_weights` runs before every checkpoint and
 final save, so no non-finite weights are ever written (a finite gradient can still overflow a weight,
 and an EMA copy never sees the loss).
 """
@@ -23,19 +23,31 @@ def guarded_update(
     scheduler,
     grad_clip: float,
 ) -> bool:
-    """Backward, clip and step inside ``accelerator.accumulate``; returns True if the update was skipped."""
-    device = loss.device
-    bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss)), device=device), "max") > 0
+    """Backward, clip and step inside ``accelerator.accumulate``; returns True if the update was skipped.
+
+    Every rank runs backward, also on a non-finite loss, so all ranks run the same collectives. Whether
+    any rank's loss was non-finite travels in an all-reduce that starts before backward and is awaited
+    after it: it adds no synchronization point of its own (the gradient all-reduce already is one), where
+    a blocking check before backward made every rank wait for the slowest forward once more per step.
+    A non-finite loss on a micro-step without synchronization leaves non-finite accumulated gradients,
+    so the whole accumulated step is skipped at its clip.
+    """
+    flag = torch.isfinite(loss.detach()).logical_not().float()  # () 1.0 when this rank's loss is bad
+    pending = None
+    if accelerator.num_processes > 1:
+        pending = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, async_op=True)
+    accelerator.backward(loss)
+    if pending is not None:
+        pending.wait()
+    bad = bool(flag > 0)
+    if not bad and accelerator.sync_gradients:
+        gnorm = accelerator.clip_grad_norm_(params, grad_clip)
+        bad = not torch.isfinite(torch.as_tensor(gnorm))
     if not bad:
-        accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            gnorm = accelerator.clip_grad_norm_(params, grad_clip)
-            bad = not torch.isfinite(torch.as_tensor(gnorm))
-        if not bad:
-            optimizer.step()
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return bool(bad)
+    return bad
 
 
 class NonfiniteGuard:

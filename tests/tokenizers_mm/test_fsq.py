@@ -297,6 +297,36 @@ def test_joint_entropy_loss_is_minus_the_code_histogram_entropy_at_low_temperatu
     assert collapsed > loss + 0.5
 
 
+@pytest.mark.parametrize("levels", [[7], [8, 5], [4, 3, 5], [8, 5, 5, 5], [3, 4, 2, 5, 3]])
+def test_joint_entropy_loss_equals_the_explicit_joint_distribution(levels):
+    """The factorized batch marginal (``aᵀb / n``) gives the loss and gradient of the penalty written
+    out over the full ``(n, prod(levels))`` matrix of joint soft assignments."""
+    from tokenizers_mm.fsq import fsq_bound, fsq_joint_entropy_loss
+
+    def explicit(z, temperature=0.5):
+        bounded = fsq_bound(z.double(), levels, 1e-3).reshape(-1, len(levels))  # (n, d)
+        ps = []
+        for i, level in enumerate(levels):
+            grid = torch.arange(level, dtype=torch.float64) - level // 2
+            ps.append((-(bounded[:, i : i + 1] - grid).pow(2) / temperature).softmax(-1))  # (n, L)
+        letters = "abcdefgh"[: len(levels)]
+        q = torch.einsum(",".join(f"n{c}" for c in letters) + f"->n{letters}", *ps).flatten(1)  # (n, K)
+        per_vector = -(q * q.clamp_min(1e-300).log()).sum(-1).mean()
+        marginal = q.mean(0)
+        batch = -(marginal * marginal.clamp_min(1e-12).log()).sum()
+        return (per_vector - batch) / math.log(math.prod(levels))
+
+    torch.manual_seed(len(levels))
+    z = (torch.randn(300, len(levels), dtype=torch.float64) * 1.5).requires_grad_()
+    ours = fsq_joint_entropy_loss(z, levels, eps=1e-3)
+    (grad,) = torch.autograd.grad(ours, z)
+    ref = explicit(z)
+    (ref_grad,) = torch.autograd.grad(ref, z)
+    # ours runs in float32 (as in training), the reference in float64
+    torch.testing.assert_close(ours.double(), ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-7, rtol=1e-4)
+
+
 def test_joint_entropy_mode_trains_through_the_bottleneck():
     fsq = FSQ([8, 5, 5, 5], entropy_weight=0.1, entropy_mode="joint").train()
     z = torch.randn(2, 16, 4, requires_grad=True)

@@ -91,3 +91,23 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_pat
     _finish(_cmd(run, "--resume", "true"))
     _assert_same_final(run, reference)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-4", "step-8"]
+
+
+def test_a_nan_loss_on_one_rank_skips_the_step_on_both(tmp_path, reference):
+    """Rank 1 alone sees a NaN loss at step 3, with finite gradients, so that the averaged gradient
+    cannot tell: both ranks skip that update (the loss flag's all-reduce runs beside backward) and stay
+    bitwise identical; the run finishes and counts the skip."""
+    run = tmp_path / "run"
+    env = cpu_env(FAULT="nan_value:1:3", FAULT_DIR=str(tmp_path))
+    proc = run_launch(_cmd(run, "--save_every", "0"), env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "step 3: non-finite loss or gradient, update skipped (1 total)" in proc.stdout + proc.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["nonfinite_steps_skipped"] == 1
+    digests = metrics["rank_param_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert [s for s, _ in _losses(run)] == [1, 2, *range(4, MAX_STEPS + 1)]
+    assert _losses(run)[:2] == _losses(reference)[:2]
+    ref = load_file(reference / "final" / "model.safetensors")
+    ours = load_file(run / "final" / "model.safetensors")
+    assert not all(torch.equal(ref[k], ours[k]) for k in ref)  # the skipped update is missing

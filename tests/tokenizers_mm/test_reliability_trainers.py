@@ -106,7 +106,8 @@ def test_non_finite_weights_are_never_saved(trainer, tmp_path, monkeypatch, corr
             self.calls = getattr(self, "calls", 0) + 1
             if self.calls == corrupt_at:
                 with torch.no_grad():
-                    next(self.module.parameters()).view(-1)[0] = float("inf")
+                    first = next(self.module.parameters())  # NHWC for a tokenizer: no .view(-1)
+                    first[(0,) * first.dim()] = float("inf")
 
     def corrupting_ema_copy(model, decay, device):
         return CorruptingEMA(model, device=device, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

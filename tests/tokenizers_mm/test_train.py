@@ -64,6 +64,23 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         assert torch.equal(full[k], resumed[k]), k
 
 
+def test_channels_last_training_follows_the_usual_layout(tmp_path):
+    """NHWC training (the default) is a memory layout, not another model: its losses follow the NCHW
+    run's to float rounding, and the final folder holds ordinary contiguous weights."""
+    kw = dict(max_steps=8, train_num=64, log_every=1)
+    main(_cfg(tmp_path / "nhwc", **kw))
+    main(_cfg(tmp_path / "nchw", channels_last=False, **kw))
+    nhwc, nchw = _losses(tmp_path / "nhwc" / "run"), _losses(tmp_path / "nchw" / "run")
+    assert len(nhwc) == 8
+    torch.testing.assert_close(torch.tensor(nhwc), torch.tensor(nchw), rtol=1e-3, atol=0)
+    weights = load_file(tmp_path / "nhwc" / "run" / "final" / "model.safetensors")
+    assert all(t.is_contiguous() for t in weights.values())
+    reference = load_file(tmp_path / "nchw" / "run" / "final" / "model.safetensors")
+    assert weights.keys() == reference.keys()
+    for k in weights:
+        torch.testing.assert_close(weights[k], reference[k], rtol=1e-3, atol=1e-4)
+
+
 def test_continuous_run_stores_latent_stats(tmp_path):
     main(_cfg(tmp_path, preset="kl-8x8", max_steps=5))
     model = ImageTokenizer.from_pretrained(tmp_path / "run" / "final")
