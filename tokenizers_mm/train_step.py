@@ -2,9 +2,9 @@
 
 A non-finite loss (on any rank) or gradient norm skips the update; every rank takes the same branch
 and runs the same collectives, or DDP's collectives would deadlock. :class:`NonfiniteGuard` counts
-skipped steps and stops the run after ``max_in_a_row`` consecutive ones. :func:`check_finite_weights` runs before every checkpoint and
-final save, so no non-finite weights are ever written (a finite gradient can still overflow a weight,
-and an EMA copy never sees the loss).
+skipped steps and stops the run after ``max_in_a_row`` consecutive ones. :func:`check_finite_weights`
+runs before every checkpoint and final save, so no non-finite weights are ever written (a finite
+gradient can still overflow a weight, and an EMA copy never sees the loss).
 """
 
 from __future__ import annotations
