@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from accelerate.utils import DistributedType
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
@@ -30,16 +31,23 @@ def guarded_update(
     after it: it adds no synchronization point of its own (the gradient all-reduce already is one), where
     a blocking check before backward made every rank wait for the slowest forward once more per step.
     A non-finite loss on a micro-step without synchronization leaves non-finite accumulated gradients,
-    so the whole accumulated step is skipped at its clip.
+    so the whole accumulated step is skipped at its clip. Under DeepSpeed, whose engine steps inside
+    ``accelerator.backward``, the loss check stays a blocking all-reduce before backward.
     """
     flag = torch.isfinite(loss.detach()).logical_not().float()  # () 1.0 when this rank's loss is bad
-    pending = None
-    if accelerator.num_processes > 1:
-        pending = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, async_op=True)
-    accelerator.backward(loss)
-    if pending is not None:
-        pending.wait()
-    bad = bool(flag > 0)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed's engine steps inside accelerator.backward: decide before it, as a blocking check.
+        bad = bool(accelerator.reduce(flag, "max") > 0)
+        if not bad:
+            accelerator.backward(loss)
+    else:
+        pending = None
+        if accelerator.num_processes > 1:
+            pending = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, async_op=True)
+        accelerator.backward(loss)
+        if pending is not None:
+            pending.wait()
+        bad = bool(flag > 0)
     if not bad and accelerator.sync_gradients:
         gnorm = accelerator.clip_grad_norm_(params, grad_clip)
         bad = not torch.isfinite(torch.as_tensor(gnorm))
